@@ -1,0 +1,72 @@
+"""Builds latentdiff and its kernels, latentdiff._C: C++ always, CUDA when a toolkit and a CUDA torch are present.
+
+Install torch first, then `pip install --no-build-isolation .` so the extension builds against that torch.
+LATENTDIFF_NO_EXT=1 skips the extension (the PyTorch path still works); LATENTDIFF_NO_CUDA=1 builds C++ only.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(here, "latentdiff", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("no __version__ in latentdiff/__init__.py")
+
+
+def extensions():
+    if os.environ.get("LATENTDIFF_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("latentdiff: torch is not installed, so the kernels are not built; install torch first, then "
+              "pip install --no-build-isolation .")
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    if not sources:
+        return [], {}
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+                and os.environ.get("LATENTDIFF_NO_CUDA") != "1")
+    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"]
+    # Py_LIMITED_API keeps one wheel for every CPython >= 3.9 (the module has no Python API besides its init).
+    macros = [("Py_LIMITED_API", "0x03090000")]
+    if use_cuda:
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        ext = CUDAExtension("latentdiff._C", sources + cuda_sources, define_macros=macros + [("LATENTDIFF_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+                            py_limited_api=True)
+    else:
+        ext = CppExtension("latentdiff._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-fopenmp"], py_limited_api=True)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="latentdiff",
+    version=read_version(),
+    description="Latent text-to-image diffusion in the Stable Diffusion layout, with fused C++/CUDA kernels",
+    long_description=open(os.path.join(here, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["latentdiff", "latentdiff.configs"],
+    package_dir={"latentdiff.configs": "configs"},
+    package_data={"latentdiff": ["weights/*.safetensors"], "latentdiff.configs": ["*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    install_requires=["torch>=2.4", "open_clip_torch>=2.20", "ninja", "pybind11", "webdataset>=0.2.80", "einops",
+                      "safetensors>=0.4", "pillow", "tqdm", "pyyaml"],
+    extras_require={"test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "accelerate"]},
+    entry_points={"console_scripts": ["latentdiff-generate=latentdiff.generate:main"]},
+)
