@@ -1,0 +1,327 @@
+"""Single-file checkpoints: official SD 1.x / 2.x files and our own, in the original LDM key layout.
+
+    model.diffusion_model.*      U-Net           (our UNetModel names, unchanged)
+    first_stage_model.*          VAE             (our AutoencoderKL names, unchanged)
+    cond_stage_model.transformer.[text_model.]*   SD1 text encoder, Hugging Face CLIPTextModel names (mapped here)
+    cond_stage_model.model.*     SD2 and latentdiff text encoder, open_clip names (unchanged)
+
+Our files add the ModelConfig as JSON under the safetensors metadata key "latentdiff_config", so one loader
+serves both. Pickled files (.ckpt/.pt) are only read through torch.load(weights_only=True): a pickle that needs
+anything but tensors and containers is refused before any of it runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import CONFIG_DIR, ModelConfig, from_dict, load_model_config, to_dict
+from .text_encoder import TextEncoder
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.model."  # SD2 and ours: open_clip names
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # SD1: Hugging Face CLIPTextModel names
+EMA_PREFIX = "model_ema."
+CONFIG_KEY = "latentdiff_config"
+
+# DDPM.register_schedule buffers: stored without a prefix in official files; we recompute them from the config.
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"})
+
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and the problem."""
+
+
+@dataclass
+class Models:
+    config: ModelConfig
+    unet: UNetModel
+    vae: AutoencoderKL
+    text: TextEncoder
+
+
+# ---- reading files --------------------------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict, metadata) of a .safetensors (memory-mapped) or .ckpt/.pt file (tensors only, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt? "
+                                  f"{_first_line(e)})") from None
+        return state, metadata
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        obj = _torch_load(path)
+        metadata = {}
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            if "global_step" in obj:
+                metadata["global_step"] = str(obj["global_step"])
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
+    raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors (or .ckpt / .pt)")
+
+
+def _torch_load(path: Path):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # old (non-zip) torch.save files cannot be memory-mapped: read them
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused: its pickle needs more than tensors to load ({_first_line(e)}); nothing in it was "
+            "run. Convert it to .safetensors in a trusted environment, or use a .safetensors release") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be read (truncated or corrupt? {_first_line(e)})") from None
+
+
+# ---- key layouts ----------------------------------------------------------------------------------
+
+_HF_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+
+
+def hf_clip_to_open_clip(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hugging Face CLIPTextModel names (with or without `text_model.`) -> our open_clip names.
+
+    q/k/v projections are concatenated into open_clip's (3*width, width) in_proj. Returns the mapped tensors and
+    the source keys that have no counterpart (position_ids is dropped silently: it is arange(77), not a weight).
+    """
+    out, leftover, qkv = {}, [], {}
+    for key, value in state.items():
+        k = key.removeprefix("text_model.")
+        if k == "embeddings.position_ids":
+            continue
+        if k == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif k == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif k.startswith("final_layer_norm."):
+            out["ln_final." + k.split(".")[-1]] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = (key, value)
+        elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)) and m[2] in _HF_LAYER:
+            out[f"transformer.resblocks.{m[1]}.{_HF_LAYER[m[2]]}.{m[3]}"] = value
+        else:
+            leftover.append(key)
+    for (layer, kind), parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:
+            out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+                [parts[c][1] for c in "qkv"], dim=0)
+        else:  # an incomplete triple cannot be mapped: report it, and in_proj will show up as missing
+            leftover += [name for name, _ in parts.values()]
+    return out, leftover
+
+
+def ema_key(unet_key: str) -> str:
+    """Where LDM's EMA stores a U-Net weight: dots removed, e.g. model_ema.diffusion_modelout2weight."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def split_state_dict(state: dict[str, torch.Tensor], unet_keys=(), ema: bool = False):
+    """Sort a file's keys by component: ({"unet", "vae", "text"} -> state dict, unexpected keys).
+
+    Schedule buffers, position_ids and model_ema.* are accepted and dropped; with ema=True the U-Net weights
+    are taken from the EMA copies of `unet_keys` instead.
+    """
+    parts = {"unet": {}, "vae": {}, "text": {}}
+    hf_text, unexpected = {}, []
+    for key, value in state.items():
+        if key.startswith(UNET_PREFIX):
+            parts["unet"][key[len(UNET_PREFIX):]] = value
+        elif key.startswith(VAE_PREFIX):
+            parts["vae"][key[len(VAE_PREFIX):]] = value
+        elif key.startswith(TEXT_PREFIX):
+            parts["text"][key[len(TEXT_PREFIX):]] = value
+        elif key.startswith(SD1_TEXT_PREFIX):
+            hf_text[key[len(SD1_TEXT_PREFIX):]] = value
+        elif key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX):
+            continue
+        else:
+            unexpected.append(key)
+    if hf_text:
+        mapped, leftover = hf_clip_to_open_clip(hf_text)
+        parts["text"].update(mapped)
+        unexpected += [SD1_TEXT_PREFIX + k for k in leftover]
+    if ema:
+        found = [k for k in unet_keys if ema_key(k) in state]
+        if not found:
+            raise CheckpointError("the checkpoint has no EMA weights (model_ema.*); load it without ema=True")
+        parts["unet"] = {k: state[ema_key(k)] for k in found}
+    return parts, unexpected
+
+
+def state_dict_for(models: Models) -> dict[str, torch.Tensor]:
+    """The single-file layout of our own checkpoints: every weight under its LDM prefix."""
+    out = {}
+    for prefix, module in ((UNET_PREFIX, models.unet), (VAE_PREFIX, models.vae), (TEXT_PREFIX, models.text)):
+        out.update({prefix + k: v for k, v in module.state_dict().items()})
+    return out
+
+
+# ---- configs --------------------------------------------------------------------------------------
+
+def detect_config(state: dict[str, torch.Tensor], metadata: dict[str, str], prediction: str | None = None,
+                  name: str = "checkpoint") -> ModelConfig:
+    """The ModelConfig of a file: stored in our metadata, else SD1 or SD2 from the text-encoder keys and shapes.
+
+    v-prediction leaves no trace in the weights, so it comes only from `prediction` (or our stored config).
+    """
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise CheckpointError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    if CONFIG_KEY in metadata:
+        try:
+            cfg = from_dict(ModelConfig, json.loads(metadata[CONFIG_KEY]), "model")
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{name}: the stored latentdiff config is invalid ({_first_line(e)})") from None
+    else:
+        if any(k.startswith(TEXT_PREFIX) for k in state):
+            preset = "sd21-v" if prediction == "v_prediction" else "sd21-base"
+        elif any(k.startswith(SD1_TEXT_PREFIX) for k in state):
+            preset = "sd15"
+        else:
+            raise CheckpointError(f"{name}: no text-encoder keys (cond_stage_model.transformer.* or "
+                                  "cond_stage_model.model.*), so this is not an SD 1.x / 2.x single-file checkpoint")
+        cfg = load_model_config(CONFIG_DIR / f"{preset}.yaml")
+        cfg = dataclasses.replace(cfg, unet=_unet_from_shapes(cfg.unet, state))
+    if prediction is not None:
+        cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, prediction=prediction))
+    return cfg
+
+
+def _unet_from_shapes(ucfg, state):
+    """Fields the weights do show (channels, context width, Linear vs conv proj_in), so variants load too."""
+    changes = {}
+    if (w := state.get(UNET_PREFIX + "input_blocks.0.0.weight")) is not None and w.ndim == 4:
+        changes["in_channels"] = w.shape[1]  # e.g. 9 for the inpainting models
+    if (w := state.get(UNET_PREFIX + "out.2.weight")) is not None and w.ndim == 4:
+        changes["out_channels"] = w.shape[0]
+    if (w := state.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")) is not None:
+        changes["context_dim"] = w.shape[1]
+    if (w := state.get(UNET_PREFIX + "input_blocks.1.1.proj_in.weight")) is not None:
+        changes["use_linear_in_transformer"] = w.ndim == 2
+    return dataclasses.replace(ucfg, **changes)
+
+
+# ---- building and loading models ------------------------------------------------------------------
+
+def build_models(config: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32) -> Models:
+    """Freshly initialized modules (for training from scratch and tests)."""
+    with torch.device(device):
+        models = Models(config, UNetModel(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text))
+    for m in (models.unet, models.vae, models.text):
+        m.to(dtype)
+    return models
+
+
+def _meta_models(config: ModelConfig) -> Models:
+    with torch.device("meta"):
+        return Models(config, UNetModel(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text))
+
+
+def _mismatch_report(name: str, config: ModelConfig, parts, unexpected: list[str], models: Models) -> str | None:
+    missing, shaped = [], []
+    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX}
+    for part, module in (("unet", models.unet), ("vae", models.vae), ("text", models.text)):
+        want, have = module.state_dict(), parts[part]
+        missing += [prefixes[part] + k for k in want if k not in have]
+        unexpected += [prefixes[part] + k for k in have if k not in want]
+        shaped += [f"{prefixes[part] + k} (file {list(have[k].shape)}, model {list(v.shape)})"
+                   for k, v in want.items() if k in have and have[k].shape != v.shape]
+    if not (missing or unexpected or shaped):
+        return None
+
+    def few(keys):
+        return f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
+    return (f"{name} does not match the {config.name} model: {len(missing)} missing keys{few(missing)}, "
+            f"{len(unexpected)} unexpected keys{few(unexpected)}, {len(shaped)} mis-shaped keys{few(shaped)}")
+
+
+def load_models(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+                prediction: str | None = None, ema: bool = False, config: ModelConfig | None = None) -> Models:
+    """Models from an SD 1.x / 2.x or latentdiff single-file checkpoint, in eval mode, on `device` in `dtype`.
+
+    Modules are built on the meta device and the file's tensors are assigned into them one component at a
+    time, so peak memory is about the file plus the model in `dtype`.
+    """
+    state, metadata = load_file(path)
+    if config is None:
+        config = detect_config(state, metadata, prediction, name=str(path))
+    elif prediction is not None:
+        config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, prediction=prediction))
+    try:
+        models = _meta_models(config)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot build the {config.name} model ({_first_line(e)})") from None
+    try:
+        parts, unexpected = split_state_dict(state, models.unet.state_dict().keys(), ema=ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    del state
+    report = _mismatch_report(str(path), config, parts, unexpected, models)
+    if report:
+        raise CheckpointError(report)
+    for part in ("unet", "vae", "text"):
+        module: nn.Module = getattr(models, part)
+        tensors = parts.pop(part)
+        for k in list(tensors):  # convert one tensor at a time so the source can be freed as we go
+            v = tensors[k]
+            tensors[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        module.load_state_dict(tensors, strict=True, assign=True)
+        module.eval()
+    return models
+
+
+def save_models(path: str | os.PathLike, config: ModelConfig, unet: UNetModel, vae: AutoencoderKL,
+                text: TextEncoder, dtype: torch.dtype | None = None, extra_metadata: dict | None = None) -> None:
+    """Write one .safetensors file in the LDM layout with the config in its metadata; atomic (temp + rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: latentdiff checkpoints are .safetensors files; name it *.safetensors")
+    tensors = {}
+    for k, v in state_dict_for(Models(config, unet, vae, text)).items():
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.to("cpu").contiguous()
+    metadata = {CONFIG_KEY: json.dumps(to_dict(config))}
+    metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,142 @@
+"""The CLIP text encoder of Stable Diffusion, built from open_clip's text transformer and tokenizer.
+
+Parameter names are open_clip's (`token_embedding`, `positional_embedding`, `transformer.resblocks.N.*`,
+`ln_final`, `text_projection`, `logit_scale`), which are the SD 2.x checkpoint names under
+`cond_stage_model.model.`; SD 1.x files store the Hugging Face CLIPTextModel names, which checkpoint.py maps here.
+
+SD 1.x: OpenAI CLIP ViT-L/14 text tower, QuickGELU, output of the last layer after ln_final, padded with the end token.
+SD 2.x: OpenCLIP ViT-H/14 text tower, GELU, output of the penultimate layer after ln_final, padded with 0.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import LayerNorm, QuickGELU, Transformer
+
+SOT, EOT = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
+
+
+@functools.lru_cache(maxsize=1)
+def bpe_tokenizer() -> SimpleTokenizer:
+    """open_clip's byte-pair tokenizer with the vocabulary bundled in the package (no downloads)."""
+    return SimpleTokenizer()
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"  # SD1 (OpenAI CLIP): quick_gelu; SD2 (OpenCLIP ViT-H): gelu
+    output_layer: str = "last"  # SD1: "last"; SD2: "penultimate" (then ln_final)
+    pad: str = "eos"  # SD1 pads to 77 with the end token 49407; open_clip / SD2 pads with 0 ("zero")
+    embed_dim: int = 0  # width of text_projection (+ logit_scale), stored by SD2 files but unused; 0: none (SD1)
+
+
+class TextEncoder(nn.Module):
+    """tokenize(prompts) -> (B, 77) ids; forward(ids) -> (B, 77, width); encode(prompts) handles long prompts."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"text.act must be 'quick_gelu' or 'gelu', got {cfg.act!r}")
+        if cfg.output_layer not in ("last", "penultimate"):
+            raise ValueError(f"text.output_layer must be 'last' or 'penultimate', got {cfg.output_layer!r}")
+        if cfg.pad not in ("eos", "zero"):
+            raise ValueError(f"text.pad must be 'eos' or 'zero', got {cfg.pad!r}")
+        self.config = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        act = QuickGELU if cfg.act == "quick_gelu" else nn.GELU
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act_layer=act,
+                                       norm_layer=LayerNorm)
+        self.ln_final = LayerNorm(cfg.width)
+        if cfg.embed_dim:
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
+            self.logit_scale = nn.Parameter(torch.empty(()))
+        self.init_weights()
+
+    def init_weights(self):
+        # open_clip's init (Radford et al. 2021); real weights come from a checkpoint.
+        if self.positional_embedding.is_meta:
+            return
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.config.embed_dim:
+            nn.init.normal_(self.text_projection, std=self.config.width ** -0.5)
+            nn.init.constant_(self.logit_scale, 4.6052)  # log(100), CLIP's learned temperature after training
+
+    @property
+    def pad_id(self) -> int:
+        return EOT if self.config.pad == "eos" else 0
+
+    # ---- tokenization -------------------------------------------------------------------------------
+
+    def _wrap(self, ids: list[int]) -> list[int]:
+        """[SOT] ids [EOT] padded to the context length."""
+        n = self.config.context_length
+        ids = [SOT] + ids[: n - 2] + [EOT]
+        return ids + [self.pad_id] * (n - len(ids))
+
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+        """(B, 77) int64 token ids, truncated to 75 tokens between start and end, as CLIP's tokenizers do."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        bpe = bpe_tokenizer()
+        return torch.tensor([self._wrap(bpe.encode(p)) for p in prompts], dtype=torch.long)
+
+    def num_chunks(self, prompts: str | list[str]) -> int:
+        """How many 75-token chunks the longest prompt needs (at least 1)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        per = self.config.context_length - 2
+        bpe = bpe_tokenizer()
+        return max([1] + [-(-len(bpe.encode(p)) // per) for p in prompts])
+
+    def tokenize_chunks(self, prompts: str | list[str], min_chunks: int = 1) -> torch.Tensor:
+        """(B, k, 77) ids: each prompt cut into 75-token chunks, each wrapped in start/end and padded (A1111-style).
+
+        Every prompt gets the same k = max(min_chunks, chunks of the longest prompt), extra chunks being empty
+        prompts, so conditional and unconditional embeddings can share one batch.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        per = self.config.context_length - 2
+        k = max(min_chunks, self.num_chunks(prompts))
+        bpe = bpe_tokenizer()
+        rows = []
+        for p in prompts:
+            ids = bpe.encode(p)
+            rows.append([self._wrap(ids[i * per:(i + 1) * per]) for i in range(k)])
+        return torch.tensor(rows, dtype=torch.long)
+
+    # ---- the transformer ----------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, width) hidden states after ln_final.
+
+        clip_skip counts layers from the end, as in A1111: 1 = last layer, 2 = penultimate. None uses the
+        config's output_layer (SD1: last, SD2: penultimate).
+        """
+        cfg = self.config
+        skip = clip_skip if clip_skip is not None else (1 if cfg.output_layer == "last" else 2)
+        if not 1 <= skip <= cfg.layers:
+            raise ValueError(f"clip_skip must be between 1 and {cfg.layers} (1 = last layer), got {clip_skip}")
+        tokens = tokens.to(self.token_embedding.weight.device)
+        L = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]
+        # Causal mask: CLIP's text tower was trained left-to-right, so token i only sees tokens <= i.
+        mask = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        for block in self.transformer.resblocks[: cfg.layers - (skip - 1)]:
+            x = block(x, attn_mask=mask)
+        return self.ln_final(x)
+
+    def encode(self, prompts: str | list[str], clip_skip: int | None = None, min_chunks: int = 1) -> torch.Tensor:
+        """(B, 77*k, width) conditioning: chunks of 75 tokens encoded separately and joined along the sequence."""
+        tokens = self.tokenize_chunks(prompts, min_chunks)  # (B, k, 77)
+        B, k, L = tokens.shape
+        return self(tokens.view(B * k, L), clip_skip).view(B, k * L, -1)
