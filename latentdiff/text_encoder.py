@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 
 SOT, EOT = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
 
 
 @functools.lru_cache(maxsize=1)
-def bpe_tokenizer() -> SimpleTokenizer:
+def bpe_tokenizer():
     """open_clip's byte-pair tokenizer with the vocabulary bundled in the package (no downloads)."""
+    from open_clip.tokenizer import SimpleTokenizer  # imported on use: open_clip's import costs seconds
     return SimpleTokenizer()
 
 
@@ -54,6 +53,7 @@ class TextEncoder(nn.Module):
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        from open_clip.transformer import LayerNorm, QuickGELU, Transformer  # on use: a slow import
         act = QuickGELU if cfg.act == "quick_gelu" else nn.GELU
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act_layer=act,
                                        norm_layer=LayerNorm)

@@ -1,0 +1,156 @@
+"""Pipeline speed: U-Net iterations/s, seconds per image end to end and peak memory, ours beside diffusers'
+UNet2DConditionModel and its scheduler loop on the same weights, in the same run.
+
+CPU: the tiny config (64x64). GPU (when present): the SD 2.1-base architecture at 512x512 fp16 with CFG,
+random weights (speed does not depend on weight values). Targets are reported, not asserted; the only
+assertion is a floor that cannot flake.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.benchmark as tb
+
+from latentdiff.checkpoint import build_models
+from latentdiff.config import CONFIG_DIR, load_model_config
+from latentdiff.pipeline import Pipeline
+
+RESULTS = Path(os.environ.get("LATENTDIFF_BENCH_DIR", Path(__file__).parent / "results"))
+
+
+def diffusers_pair(models, dtype, device):
+    """diffusers' U-Net, VAE and scheduler built from our weights by diffusers' own single-file converters."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    cfg = models.config
+    u = cfg.unet
+    params = dict(in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
+                  channel_mult=list(u.channel_mult), num_res_blocks=u.num_res_blocks,
+                  attention_resolutions=list(u.attention_resolutions), transformer_depth=u.transformer_depth,
+                  context_dim=u.context_dim, use_linear_in_transformer=u.use_linear_in_transformer)
+    params.update(num_heads=u.num_heads) if u.num_head_channels == -1 else params.update(num_head_channels=u.num_head_channels)
+    v = cfg.vae
+    dd = dict(ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks, in_channels=v.in_channels,
+              out_ch=v.out_ch, z_channels=v.z_channels, resolution=v.resolution, attn_resolutions=list(v.attn_resolutions),
+              double_z=True, dropout=0.0)
+    original = {"model": {"params": {"unet_config": {"params": params},
+                                     "first_stage_config": {"params": {"ddconfig": dd, "embed_dim": v.embed_dim}},
+                                     "scale_factor": v.scale_factor}}}
+    ckpt = {"model.diffusion_model." + k: t for k, t in models.unet.state_dict().items()}
+    ckpt.update({"first_stage_model." + k: t for k, t in models.vae.state_dict().items()})
+    ucfg = create_unet_diffusers_config_from_ldm(original, ckpt, image_size=cfg.image_size // models.vae.latent_factor)
+    unet = UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True)
+    vcfg = create_vae_diffusers_config_from_ldm(original, ckpt, image_size=cfg.image_size)
+    vcfg["norm_num_groups"] = v.norm_groups
+    vae = AutoencoderKL(**vcfg)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True)
+    d = cfg.diffusion
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
+                                        beta_end=d.beta_end, beta_schedule=d.beta_schedule, use_karras_sigmas=True,
+                                        final_sigmas_type="zero", prediction_type=d.prediction)
+    return unet.to(device, dtype).eval(), vae.to(device, dtype).eval(), sched
+
+
+def timeit(fn, device, min_run_time=1.0):
+    """Median seconds per call: torch.utils.benchmark on CPU, CUDA events on GPU (both after warm-up)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return sorted(times)[len(times) // 2]
+    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def peak_memory(fn, device):
+    if device.type != "cuda":
+        return None  # the CPU allocator keeps no high-water mark of its own; RSS would mix in everything else
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def run_case(name, config, device, dtype, steps=20, size=None):
+    torch.manual_seed(0)
+    models = build_models(config)
+    with torch.no_grad():  # non-zero weights everywhere, as a trained model has
+        for m in (models.unet, models.vae, models.text):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    d_unet, d_vae, d_sched = diffusers_pair(models, dtype, device)
+    pipe = Pipeline(models, device=device, dtype=dtype)
+    size = size or config.image_size
+    f = models.vae.latent_factor
+    x = torch.randn(2, config.unet.in_channels, size // f, size // f, device=device, dtype=dtype)  # CFG batch of 1
+    t = torch.full((2,), 500.0, device=device)
+    ctx = pipe.encode_prompts(["a cat"], [""]).to(dtype)
+    with torch.no_grad():
+        ours_unet = timeit(lambda: pipe.unet(x, t, ctx), device)
+        theirs_unet = timeit(lambda: d_unet(x, t, encoder_hidden_states=ctx).sample, device)
+
+    def ours_image():
+        pipe("a cat", steps=steps, sampler="DPM++ 2M Karras", guidance=7.5, width=size, height=size, progress=False)
+
+    @torch.no_grad()
+    def diffusers_image():  # diffusers' own loop, as StableDiffusionPipeline runs it, on the same text context
+        d_sched.set_timesteps(steps, device=device)
+        lat = torch.randn(1, config.unet.in_channels, size // f, size // f, device=device, dtype=dtype)
+        lat = lat * d_sched.init_noise_sigma
+        c = pipe.encode_prompts(["a cat"], [""]).to(dtype)
+        for ts in d_sched.timesteps:
+            inp = d_sched.scale_model_input(torch.cat([lat] * 2), ts)
+            u, k = d_unet(inp, ts, encoder_hidden_states=c).sample.chunk(2)
+            lat = d_sched.step(u + 7.5 * (k - u), ts, lat).prev_sample
+        d_vae.decode(lat / config.vae.scale_factor).sample
+
+    ours_s = timeit(ours_image, device, min_run_time=2.0)
+    theirs_s = timeit(diffusers_image, device, min_run_time=2.0)
+    row = dict(case=name, device=str(device), dtype=str(dtype).replace("torch.", ""), size=size, steps=steps,
+               unet_its_ours=1 / ours_unet, unet_its_diffusers=1 / theirs_unet, unet_ratio=theirs_unet / ours_unet,
+               image_s_ours=ours_s, image_s_diffusers=theirs_s, image_ratio=theirs_s / ours_s,
+               peak_gib_ours=peak_memory(ours_image, device), peak_gib_diffusers=peak_memory(diffusers_image, device))
+    return row
+
+
+def report(rows, name):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                      "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"\n{'case':<16}{'device':<8}{'dtype':<9}{'size':>5}{'unet it/s':>11}{'diffusers':>11}{'ratio':>7}"
+          f"{'s/image':>9}{'diffusers':>11}{'ratio':>7}{'peak GiB':>10}{'diffusers':>11}")
+    for r in rows:
+        mem = lambda v: f"{v:.2f}" if v is not None else "n/a"  # noqa: E731
+        print(f"{r['case']:<16}{r['device']:<8}{r['dtype']:<9}{r['size']:>5}{r['unet_its_ours']:>11.1f}"
+              f"{r['unet_its_diffusers']:>11.1f}{r['unet_ratio']:>7.2f}{r['image_s_ours']:>9.3f}"
+              f"{r['image_s_diffusers']:>11.3f}{r['image_ratio']:>7.2f}{mem(r['peak_gib_ours']):>10}"
+              f"{mem(r['peak_gib_diffusers']):>11}")
+
+
+def test_pipeline_tiny_cpu():
+    rows = [run_case("tiny", load_model_config(CONFIG_DIR / "tiny.yaml"), torch.device("cpu"), torch.float32)]
+    report(rows, "pipeline-cpu")
+    # Floor only: our U-Net is the same network, so it must not be far slower than diffusers' on the same weights.
+    assert rows[0]["unet_ratio"] > 0.5 and rows[0]["image_ratio"] > 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipeline_sd21_base_gpu():
+    """Targets on H100: U-Net it/s >= 1.2x diffusers eager, 20-step DPM++ 2M image <= 0.3 s, peak memory <= diffusers'."""
+    cfg = load_model_config(CONFIG_DIR / "sd21-base.yaml")
+    rows = [run_case("sd21-base", cfg, torch.device("cuda"), torch.float16, size=512)]
+    report(rows, "pipeline-gpu")
+    assert rows[0]["unet_ratio"] > 0.5

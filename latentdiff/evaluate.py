@@ -1,0 +1,198 @@
+"""`python -m latentdiff.evaluate`: how well a model draws the images its captions name.
+
+- Prompt fidelity: for each reference image (e.g. every emoji) generate from its caption and find the nearest
+  reference images; top-1 / top-5 accuracy of hitting the one the caption names.
+- A Frechet distance between generated and reference images, and the VAE's reconstruction PSNR.
+- Wall time of `python -m latentdiff.generate "a cat"` (with start-up), and images/s for a batch.
+
+Feature space: reference images are drawn centred at one scale on a white background, so their downsampled
+pixels identify them; a pixel space also keeps the metric independent of the model under test (its own VAE
+latents would grade it by its own ruler). Nearest neighbours use 16x16 RGB; the Frechet distance uses 8x8 RGB
+(192 dimensions, so ~1,400 samples estimate the covariance well). It is not an FID: no Inception network.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+
+def load_reference(data_dir: str | Path, resolution: int | None = None, limit: int | None = None):
+    """(names, prompts, images) from an emoji-style folder: index.jsonl + the shards it names.
+
+    images: uint8 (N, 3, R, R); prompts: the first caption template of each (e.g. "a cat").
+    """
+    data_dir = Path(data_dir)
+    index = data_dir / "index.jsonl"
+    if not index.exists():
+        raise SystemExit(f"evaluate: error: {index} not found; make it with python -m latentdiff.data emoji --out {data_dir}")
+    rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    if limit:
+        step = max(1, len(rows) // limit)  # spread over the whole set rather than its first block
+        rows = rows[::step][:limit]
+    by_shard: dict[str, list[dict]] = {}
+    for r in rows:
+        by_shard.setdefault(r["shard"], []).append(r)
+    found: dict[str, tuple[Image.Image, list[str]]] = {}
+    for shard, items in by_shard.items():
+        with tarfile.open(data_dir / shard) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for r in items:
+                img_name = next(n for n in (f"{r['key']}.png", f"{r['key']}.jpg") if n in members)
+                image = Image.open(io.BytesIO(tar.extractfile(members[img_name]).read())).convert("RGB")
+                meta = json.loads(tar.extractfile(members[f"{r['key']}.json"]).read())
+                found[r["key"]] = (image, meta.get("captions") or [r["name"]])
+    names, prompts, images = [], [], []
+    for r in rows:
+        image, captions = found[r["key"]]
+        if resolution and image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.LANCZOS)
+        names.append(r["name"])
+        prompts.append(captions[0])
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    return names, prompts, torch.stack(images)
+
+
+def features(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 or [0,1] (N, 3, H, W) -> (N, 3*size*size) float64 area-averaged pixels in [0, 1]."""
+    x = images.double() / 255.0 if images.dtype == torch.uint8 else images.double()
+    return F.adaptive_avg_pool2d(x, size).flatten(1)
+
+
+def nearest_hits(gen_feats: torch.Tensor, ref_feats: torch.Tensor, k: int = 5) -> tuple[float, float, torch.Tensor]:
+    """Generated row i should be nearest to reference row i: (top-1, top-k accuracy, the k nearest per row)."""
+    d = torch.cdist(gen_feats, ref_feats)  # (N, M) Euclidean
+    nearest = d.topk(k, largest=False).indices
+    target = torch.arange(len(gen_feats)).unsqueeze(1)
+    top1 = (nearest[:, :1] == target).any(1).double().mean().item()
+    topk = (nearest == target).any(1).double().mean().item()
+    return top1, topk, nearest
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    # Tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix.
+    w, v = torch.linalg.eigh(s_a)
+    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = root_a @ s_b @ root_a
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * tr_sqrt)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 64, device="cpu", dtype=torch.float32) -> float:
+    """Mean PSNR (dB, peak 1 on [0,1] pixels) of decode(encode(x)) with the posterior mode."""
+    psnrs = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device, dtype) / 127.5 - 1
+        y = vae.decode(vae.encode(x)).float().clamp(-1, 1)
+        mse = ((y - x.float()) / 2).square().flatten(1).mean(1)
+        psnrs += (10 * torch.log10(1 / mse.clamp(min=1e-10))).tolist()
+    return statistics.fmean(psnrs)
+
+
+def generate_all(pipe, prompts: list[str], *, steps, sampler, guidance, seed=0, batch_size=32) -> torch.Tensor:
+    """uint8 (N, 3, H, W): one image per prompt, prompt i with seed + i."""
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
+        res = pipe(prompts[i:i + batch_size], steps=steps, sampler=sampler, guidance=guidance, seed=seed + i,
+                   progress=False)
+        out += [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in res.images]
+    return torch.stack(out)
+
+
+def command_seconds(checkpoint: str | None, runs: int = 5, prompt: str = "a cat") -> list[float]:
+    """Wall time of the real command, start-up included (a fresh interpreter each run)."""
+    cmd = [sys.executable, "-m", "latentdiff.generate", prompt, "--seed", "0", "-o", "/tmp/latentdiff-speed.png"]
+    if checkpoint:
+        cmd += ["--checkpoint", checkpoint]
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def side_by_side(generated: torch.Tensor, reference: torch.Tensor, nearest: torch.Tensor, n: int = 32) -> Image.Image:
+    """Rows of (target reference, generated, its 3 nearest references): a picture of what the numbers mean."""
+    idx = torch.linspace(0, len(generated) - 1, min(n, len(generated))).round().long()
+    tiles = []
+    for i in idx:
+        row = [reference[i], generated[i]] + [reference[j] for j in nearest[i, :3]]
+        tiles.append(torch.cat(row, dim=2))
+    sheet = torch.cat(tiles, dim=1).permute(1, 2, 0).numpy()
+    return Image.fromarray(sheet)
+
+
+def main(argv=None) -> int:
+    from .generate import BUNDLED
+    from .pipeline import Pipeline
+    p = argparse.ArgumentParser(prog="python -m latentdiff.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="model to evaluate (default: the bundled emoji model)")
+    p.add_argument("--data", required=True, help="reference folder with index.jsonl (python -m latentdiff.data emoji)")
+    p.add_argument("--limit", type=int, help="evaluate on this many references, spread over the set")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--sampler", help="sampler (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--speed", action="store_true", help="also time the generate command (5 runs) and a batch")
+    p.add_argument("--out", help="write the numbers as JSON here")
+    p.add_argument("--sheet", help="write a PNG of references, generations and their nearest neighbours here")
+    args = p.parse_args(argv)
+
+    checkpoint = args.checkpoint or str(BUNDLED)
+    pipe = Pipeline.from_checkpoint(checkpoint, device=args.device)
+    d = pipe.config.sampling
+    steps, sampler = args.steps or d.steps, args.sampler or d.sampler
+    guidance = d.guidance if args.guidance is None else args.guidance
+    names, prompts, ref = load_reference(args.data, pipe.config.image_size, args.limit)
+    gen = generate_all(pipe, prompts, steps=steps, sampler=sampler, guidance=guidance, seed=args.seed,
+                       batch_size=args.batch_size)
+    top1, top5, nearest = nearest_hits(features(gen, 16), features(ref, 16))
+    report = {"checkpoint": checkpoint, "references": len(ref), "steps": steps, "sampler": sampler,
+              "guidance": guidance, "top1": top1, "top5": top5,
+              "frechet_pix8": frechet_distance(features(gen, 8), features(ref, 8)),
+              "frechet_pix8_floor": None,
+              "vae_psnr_db": reconstruction_psnr(pipe.vae, ref, device=pipe.device, dtype=pipe.dtype)}
+    # The same distance between two halves of the reference set: what "indistinguishable" scores.
+    half = len(ref) // 2
+    if half > 10:
+        report["frechet_pix8_floor"] = frechet_distance(features(ref[:half], 8), features(ref[half:2 * half], 8))
+    if args.speed:
+        times = command_seconds(args.checkpoint)
+        report["generate_cmd_s_median"] = statistics.median(times)
+        report["generate_cmd_s_runs"] = times
+        t0 = time.perf_counter()
+        pipe(["a cat"] * 16, steps=steps, sampler=sampler, guidance=guidance, seed=0, progress=False)
+        report["batch16_images_per_s"] = 16 / (time.perf_counter() - t0)
+    misses = [(names[i], names[int(nearest[i, 0])]) for i in range(len(names)) if int(nearest[i, 0]) != i]
+    report["first_misses"] = misses[:20]
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.sheet:
+        side_by_side(gen, ref, nearest).save(args.sheet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
