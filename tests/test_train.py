@@ -1,0 +1,367 @@
+"""The trainer: torchrun DDP on gloo, checkpoints and resume, latent shards, non-finite losses, config errors.
+
+Everything runs the tiny model on 32x32 synthetic shards on the CPU. The torchrun runs are real subprocesses
+(`python -m torch.distributed.run --nproc_per_node=2 -m latentdiff.train ...`).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from latentdiff import diffusion, train as train_mod
+from latentdiff.checkpoint import load_models
+from latentdiff.data import write_tar
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "train-tiny.yaml"
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 20)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def synthetic_image(color: str, shape: str, res: int = 32) -> bytes:
+    img = Image.new("RGB", (res, res), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    box = (res // 4, res // 4, 3 * res // 4, 3 * res // 4)
+    if shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    elif shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    else:
+        draw.polygon([(res // 2, res // 4), (res // 4, 3 * res // 4), (3 * res // 4, 3 * res // 4)], fill=COLORS[color])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(out: Path, n_shards: int, per_shard: int, corrupt: bool) -> str:
+    """Synthetic captioned shapes written with latentdiff.data's tar writer; optionally one undecodable image."""
+    out.mkdir(parents=True, exist_ok=True)
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    i = 0
+    for k in range(n_shards):
+        samples = []
+        for _ in range(per_shard):
+            color, shape = combos[i % len(combos)]
+            files = {"png": synthetic_image(color, shape), "txt": f"a {color} {shape}".encode()}
+            if corrupt and i == 1:
+                files = {"jpg": b"\xff\xd8\xff\xe0 this is not a jpeg", "txt": b"a broken image"}
+            samples.append((f"{i:06d}", files))
+            i += 1
+        write_tar(out / f"s-{k:06d}.tar", samples)
+    return str(out / f"s-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """4 shards of 3 samples, one of them corrupt: 11 good images the tiny model can memorise."""
+    return write_shards(tmp_path_factory.mktemp("shards"), 4, 3, corrupt=True)
+
+
+@pytest.fixture(scope="module")
+def clean_shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("clean"), 2, 4, corrupt=False)
+
+
+def common_args(shards: str, out: Path, **train) -> list[str]:
+    args = [f"--data.shards={shards}", "--data.resolution=32", "--data.batch_size=4", f"--train.out_dir={out}",
+            "--train.warmup_steps=0", "--train.log_every=1"]
+    return args + [f"--train.{k}={v}" for k, v in train.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], **popen) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "latentdiff.train", "--config", str(CONFIG), *args]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each rank in its own session, so a process group is not enough)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen):
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
+def read_csv(out: Path) -> list[dict]:
+    with open(out / "log.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def complete_checkpoints(out: Path) -> dict[int, Path]:
+    """Independent of the trainer's own listing: ckpt-N directories holding both files."""
+    found = {}
+    for p in out.glob("ckpt-*"):
+        if (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
+            found[int(p.name.split("-")[1])] = p
+    return found
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two torchrun launches' worth of imports: ~30 s on 2 cores
+def test_torchrun_two_ranks_learn_in_sync(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(common_args(shards, out, steps=24, lr="3e-3", checkpoint_every=12, keep_last=5)
+                    + ["--data.num_workers=1", "--data.shuffle_buffer=4"])
+    finish(proc)
+
+    rows = read_csv(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 25))
+    losses = [r["loss"] for r in rows]
+    assert all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)  # memorising 11 images: the diffusion loss falls
+    assert rows[-1]["skipped_samples"] >= 1  # the corrupt sample was seen, skipped and counted
+    assert rows[-1]["nonfinite_steps"] == 0
+
+    log = (out / "train.log").read_text()
+    digests = log.split("weights digest per rank: ")[1].split(" (")[0].split()
+    assert len(digests) == 2 and digests[0] == digests[1], log  # both ranks hold the same weights
+    assert "2 rank(s) on cpu" in log
+
+    ckpts = complete_checkpoints(out)
+    assert sorted(ckpts) == [12, 24]
+    state = load_state(ckpts[24])
+    assert state["step"] == 24 and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["config"]["train"]["steps"] == 24
+    # The exported checkpoint is the EMA U-Net, loadable by the generic loader with its model config.
+    models = load_models(ckpts[24] / "model.safetensors")
+    assert models.config.name == "tiny" and models.config.image_size == 32
+    for k, v in models.unet.state_dict().items():
+        torch.testing.assert_close(v, state["ema"]["modules"]["unet"][k], rtol=0, atol=0)
+    raw = state["model"]["unet"]
+    assert any(not torch.equal(raw[k], v) for k, v in models.unet.state_dict().items())  # EMA is not the raw copy
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_continues_from_the_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(common_args(shards, out, steps=1000, lr="1e-3", checkpoint_every=3, keep_last=2,
+                                ema_decay=0.99) + ["--data.num_workers=0"])
+    try:
+        deadline = time.time() + 180
+        while not any(s >= 6 for s in complete_checkpoints(out)):  # one checkpoint already replaced an older one
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.time() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.2)
+    finally:  # the agent and both ranks at once, as a node failure would: mid-step or mid-save
+        kill_tree(proc)
+
+    # A save interrupted by a kill: only a temp directory, with truncated files. It must never be resumed.
+    partial = out / ".tmp-ckpt-00000999-12345"
+    partial.mkdir(exist_ok=True)
+    (partial / "state.pt").write_bytes(b"PK\x03\x04 truncated")
+    (partial / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    ckpts = complete_checkpoints(out)
+    step0 = max(ckpts)
+    saved = load_state(ckpts[step0])
+    assert saved["step"] == step0
+
+    # Resume with lr = 0: raw weights must stay exactly as saved, so the EMA follows a closed form from the saved EMA.
+    proc = torchrun(common_args(shards, out, steps=step0 + 3, lr=0.0, lr_schedule="constant", ema_decay=0.99,
+                                checkpoint_every=1000) + ["--data.num_workers=0", "--resume", "auto"])
+    finish(proc)
+    log = (out / "train.log").read_text()
+    assert f"resumed from ckpt-{step0:08d} at step {step0}" in log
+    assert not partial.exists()  # the leftover was removed, not loaded
+
+    final = load_state(complete_checkpoints(out)[step0 + 3])
+    assert final["step"] == step0 + 3
+    for k, v in saved["model"]["unet"].items():
+        assert torch.equal(final["model"]["unet"][k], v), k
+    for s0, s1 in zip(saved["optimizer"]["state"].values(), final["optimizer"]["state"].values()):
+        assert float(s1["step"]) == float(s0["step"]) + 3  # Adam's moments continued, not restarted
+    n0 = saved["ema"]["updates"]
+    assert final["ema"]["updates"] == n0 + 3
+    keep = math.prod(min(0.99, (1 + n) / (10 + n)) for n in range(n0, n0 + 3))
+    for k, w in saved["model"]["unet"].items():
+        if not w.is_floating_point():
+            continue
+        expect = w.double() + keep * (saved["ema"]["modules"]["unet"][k].double() - w.double())
+        torch.testing.assert_close(final["ema"]["modules"]["unet"][k].double(), expect, rtol=1e-5, atol=1e-6)
+    rows = read_csv(out)
+    resumed = [int(r["step"]) for r in rows if int(r["step"]) > step0]
+    assert resumed[-3:] == [step0 + 1, step0 + 2, step0 + 3]
+
+
+def test_latent_shards_train_like_encoding_on_the_fly(clean_shards, tmp_path, tiny_checkpoint):
+    from latentdiff import data
+    latent_dir = tmp_path / "latents"
+    data.main(["encode-shards", clean_shards, "--out", str(latent_dir), "--checkpoint", str(tiny_checkpoint),
+               "--resolution", "32", "--batch-size", "3", "--device", "cpu"])
+    runs = {}
+    for name, spec, latents in (("pixels", clean_shards, "false"), ("latents", str(latent_dir), "true")):
+        out = tmp_path / name
+        train_mod.main(["--config", str(CONFIG), *common_args(spec, out, steps=6, lr="1e-3", init=tiny_checkpoint),
+                        "--data.num_workers=0", f"--data.latents={latents}", "--data.shuffle_buffer=3"])
+        runs[name] = [r["loss"] for r in read_csv(out)]
+    assert len(runs["pixels"]) == 6
+    torch.testing.assert_close(torch.tensor(runs["latents"]), torch.tensor(runs["pixels"]), rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_losses_are_skipped_and_counted(clean_shards, tmp_path, monkeypatch):
+    calls = [0]
+    real = diffusion.training_batch
+
+    def poisoned(x0, t, noise, schedule, prediction):
+        calls[0] += 1
+        x_t, target = real(x0, t, noise, schedule, prediction)
+        return x_t, target * float("nan") if calls[0] in (2, 3) else target
+
+    monkeypatch.setattr(diffusion, "training_batch", poisoned)
+    out = tmp_path / "run"
+    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=6, lr="1e-3", sample_every=6,
+                                                          sample_steps=2), "--data.num_workers=0"])
+    rows = read_csv(out)
+    assert [r["nonfinite_steps"] for r in rows] == [0, 1, 2, 2, 2, 2]
+    assert math.isnan(rows[1]["loss"]) and all(math.isfinite(r["loss"]) for r in rows[3:])
+    state = load_state(complete_checkpoints(out)[6])
+    assert state["ema"]["updates"] == 4  # the two poisoned steps updated neither weights nor EMA
+    assert all(float(s["step"]) == 4 for s in state["optimizer"]["state"].values())
+    grid = Image.open(out / "samples" / "step-00000006.png")
+    assert grid.size == (2 * 32, 32)  # two validation prompts at the training resolution, from the EMA weights
+
+
+def test_too_many_nonfinite_losses_stop_with_a_clear_message(clean_shards, tmp_path, monkeypatch):
+    real = diffusion.training_batch
+    monkeypatch.setattr(diffusion, "training_batch",
+                        lambda *a: (lambda xt, tg: (xt, tg * float("inf")))(*real(*a)))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"3 consecutive non-finite losses at step 3 .*max_consecutive_nonfinite=3"):
+        train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=20,
+                                                              max_consecutive_nonfinite=3), "--data.num_workers=0"])
+    assert not complete_checkpoints(out)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(clean_shards, tmp_path, monkeypatch):
+    calls = [0]
+    real = diffusion.training_batch
+
+    def preempted(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would, in the middle of step 3
+        return real(*args)
+
+    monkeypatch.setattr(diffusion, "training_batch", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=50, checkpoint_every=100),
+                    "--data.num_workers=0"])
+    assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is gone after the run
+    assert sorted(complete_checkpoints(out)) == [3]  # step 3 finished, then saved
+    assert load_state(complete_checkpoints(out)[3])["step"] == 3
+    assert "stop requested" in (out / "train.log").read_text()
+
+
+def test_vae_stage_reduces_reconstruction_loss(clean_shards, tmp_path):
+    out = tmp_path / "vae"
+    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=12, lr="2e-3",
+                                                          sample_every=12), "--data.num_workers=0"])
+    losses = [r["loss"] for r in read_csv(out)]
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    state = load_state(complete_checkpoints(out)[12])
+    assert set(state["model"]) == {"vae"}
+    models = load_models(complete_checkpoints(out)[12] / "model.safetensors")
+    for k, v in models.vae.state_dict().items():
+        assert torch.equal(v, state["ema"]["modules"]["vae"][k]), k
+    assert Image.open(out / "samples" / "step-00000012.png").size == (4 * 32, 2 * 32)  # originals over EMA recons
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(clean_shards, tmp_path, tiny_checkpoint):
+    """Text encoder trained with the U-Net, min-SNR weighting, two accumulated micro-batches: the same run with
+    and without activation checkpointing gives the same losses and weights."""
+    states = {}
+    for gc in ("false", "true"):
+        out = tmp_path / gc
+        train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=3, lr="1e-3", grad_accum=2,
+                                                              train_text_encoder="true", loss_weighting="min_snr",
+                                                              gradient_checkpointing=gc, init=tiny_checkpoint),
+                        "--data.batch_size=2", "--data.num_workers=0"])
+        states[gc] = (read_csv(out), load_state(complete_checkpoints(out)[3]))
+    (rows0, s0), (rows1, s1) = states["false"], states["true"]
+    torch.testing.assert_close([r["loss"] for r in rows1], [r["loss"] for r in rows0], rtol=1e-5, atol=1e-7)
+    assert set(s0["model"]) == {"unet", "text"}
+    for k, v in s0["model"]["text"].items():
+        torch.testing.assert_close(s1["model"]["text"][k], v, rtol=1e-4, atol=1e-6)
+    init = load_models(tiny_checkpoint).text.state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in s0["model"]["text"].items())  # the text encoder trained
+
+
+def test_config_errors_name_the_problem(clean_shards, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown config key\(s\) train\.lrr"):
+        train_mod.main(["--config", str(CONFIG), f"--data.shards={clean_shards}", "--train.lrr=1e-4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.read_text() + "optim:\n  lr: 1\n")
+    with pytest.raises(SystemExit, match=r"unknown config section\(s\) optim"):
+        train_mod.main(["--config", str(bad)])
+    with pytest.raises(SystemExit, match="train.stage=vae trains on pixels"):
+        train_mod.main(["--config", str(CONFIG), "--train.stage=vae", "--data.latents=true"])
+    with pytest.raises(SystemExit, match=r"train.lr_schedule: 'linear' is not one of"):
+        train_mod.main(["--config", str(CONFIG), "--train.lr_schedule=linear"])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = train_mod.TrainConfig(lr=1.0, warmup_steps=4, steps=14, lr_schedule="cosine", min_lr_ratio=0.1)
+    lrs = [train_mod.lr_at(s, cfg) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    # cosine from lr at the end of warm-up to lr * min_lr_ratio at the last step (Loshchilov & Hutter 2017)
+    for s in range(4, 14):
+        expect = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 10))
+        assert abs(lrs[s] - expect) < 1e-12
+    const = train_mod.TrainConfig(lr=2.0, warmup_steps=0, lr_schedule="constant")
+    assert {train_mod.lr_at(s, const) for s in (0, 5, 500)} == {2.0}
