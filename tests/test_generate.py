@@ -128,3 +128,53 @@ def test_parameters_round_trip_and_a1111_text():
     q = parse_parameters(a1111)
     assert q["prompt"] == "masterpiece, a cat" and q["negative"] == "lowres, bad"
     assert (q["Steps"], q["Sampler"], q["Seed"], q["Lora hashes"], q["Version"]) == ("28", "Euler a", "123", "x: 1, y: 2", "v1.9.0")
+
+
+SMALL_SD21 = """\
+model:
+  name: sd21-small
+  image_size: 64
+  unet: {model_channels: 32, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [1, 2], num_heads: -1,
+         num_head_channels: 16, context_dim: 64, use_linear_in_transformer: true, norm_groups: 8}
+  vae: {ch: 32, ch_mult: [1, 2, 2], num_res_blocks: 1, norm_groups: 8, resolution: 64}
+  text: {width: 64, layers: 3, heads: 2, act: gelu, output_layer: penultimate, pad: zero, embed_dim: 32}
+"""
+
+
+def test_sd21_layout_checkpoint_end_to_end(tmp_path, capsys):
+    """A random-valued file in the official SD 2.x single-file layout (schedule buffers, no latentdiff metadata)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from latentdiff.checkpoint import state_dict_for
+    from latentdiff.config import load_model_config
+    from latentdiff.pipeline import Pipeline
+    from latentdiff.schedule import Schedule
+    from conftest import build_models
+
+    (tmp_path / "small.yaml").write_text(SMALL_SD21)
+    cfg = load_model_config(tmp_path / "small.yaml")
+    models = build_models(cfg, seed=1)
+    state = {k: v.contiguous() for k, v in state_dict_for(models).items()}
+    assert any(k.startswith("cond_stage_model.model.transformer.resblocks.") for k in state)
+    sched = Schedule.from_config(cfg.diffusion)
+    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
+        state[name] = getattr(sched, name).float()
+    path = tmp_path / "v2-small.safetensors"
+    save_file(state, str(path))  # no metadata: detection must come from the keys
+
+    for extra in ([], ["--prediction", "v_prediction"]):
+        rc, out, err = run(capsys, "a cat", "--checkpoint", path, "--config", tmp_path / "small.yaml", "--steps", 3,
+                           "--seed", 2, "-o", tmp_path / f"out{len(extra)}.png", *extra)
+        assert rc == 0, err
+        assert Image.open(out[0]).size == (64, 64)
+    assert not np.array_equal(pixels(tmp_path / "out0.png"), pixels(tmp_path / "out2.png"))  # eps vs v differ
+
+    pipe = Pipeline.from_checkpoint(path, device="cpu", config=cfg)  # the Python API, same file
+    assert pipe.config.text.output_layer == "penultimate"
+    assert torch.equal(pipe.unet.state_dict()["out.2.weight"], models.unet.state_dict()["out.2.weight"])
+
+    # Without --config the keys say SD 2.x, the full-size preset is built, and the sizes cannot match: one line.
+    rc, _, err = run(capsys, "a cat", "--checkpoint", path, "--steps", 1, "-o", tmp_path)
+    assert rc == 2 and "mis-shaped keys" in err and len(err.strip().splitlines()) == 1
