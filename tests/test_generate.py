@@ -178,3 +178,10 @@ def test_sd21_layout_checkpoint_end_to_end(tmp_path, capsys):
     # Without --config the keys say SD 2.x, the full-size preset is built, and the sizes cannot match: one line.
     rc, _, err = run(capsys, "a cat", "--checkpoint", path, "--steps", 1, "-o", tmp_path)
     assert rc == 2 and "mis-shaped keys" in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_a_bundled_model_the_command_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import latentdiff.generate as g
+    monkeypatch.setattr(g, "BUNDLED", tmp_path / "absent.safetensors")
+    rc, out, err = run(capsys, "a cat", "-o", tmp_path)
+    assert rc == 2 and out == [] and "--checkpoint" in err and len(err.strip().splitlines()) == 1
