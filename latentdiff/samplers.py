@@ -159,22 +159,15 @@ def sample_ddpm(model, x, sigmas, *, noise=None, callback=None, disable=None, va
     return x
 
 
-@torch.no_grad()
 def sample_ddim(model, x, sigmas, *, noise=None, callback=None, disable=None, eta: float = 0.0):
     """DDIM (Song et al. 2021, eq. 12); eta=0 is the deterministic sampler, eta=1 matches DDPM's variance."""
-    model, s = as_denoiser(model), _host_sigmas(sigmas)
-    for i in trange(len(s) - 1, disable=disable):
-        si, sn = s[i], s[i + 1]
-        # (1) eq. 12: x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma_t^2) eps + sigma_t z, with sigma_t(eta)
-        #     of eq. 16. Divided by sqrt(abar_t'), and eps = (x - D)/si in sigma space:
-        #     x' = D + sigma_down (x - D)/si + sigma_up z, where sigma_up^2 = sigma_t^2/abar_t' and
-        #     sigma_down^2 = (1 - abar_t')/abar_t' - sigma_up^2 = sn^2 - sigma_up^2.
-        down, up = _ancestral(si, sn, eta)
-        z = _draw(noise, x) if up > 0 else None
-        x_next, den = _step(model, x, si, a=down / si, b=1 - down / si, d=up, noise=z)
-        _report(callback, i, si, x, den)
-        x = x_next
-    return x
+    # (1) eq. 12: x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma_t^2) eps + sigma_t z, with sigma_t(eta)
+    #     of eq. 16. Divided by sqrt(abar_t'), and eps = (x - D)/si in sigma space:
+    #     x' = D + sigma_down (x - D)/si + sigma_up z, where sigma_up^2 = sigma_t^2/abar_t' and
+    #     sigma_down^2 = (1 - abar_t')/abar_t' - sigma_up^2 = sn^2 - sigma_up^2.
+    # (2) That is exactly the Euler step to sigma_down plus sigma_up z: in sigma space DDIM(eta) and Euler
+    #     ancestral(eta) are one sampler (Karras et al. 2022, sec. 3), only the default eta differs.
+    return sample_euler_ancestral(model, x, sigmas, noise=noise, callback=callback, disable=disable, eta=eta)
 
 
 @torch.no_grad()
