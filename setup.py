@@ -35,11 +35,15 @@ def extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
                 and os.environ.get("LATENTDIFF_NO_CUDA") != "1")
-    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"]
-    # Py_LIMITED_API keeps one wheel for every CPython >= 3.9 (the module has no Python API besides its init).
-    macros = [("Py_LIMITED_API", "0x03090000")]
+    if os.name == "nt":
+        cxx = ["/O2", "/std:c++20", "/openmp"]
+    else:  # -Wno-unknown-pragmas: the ATen vector headers use `#pragma unroll`, which GCC does not know
+        cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas", "-fopenmp"]
+    # py_limited_api=True makes BuildExtension define Py_LIMITED_API (torch's minimum CPython), so one wheel serves
+    # every CPython from there on: the module has no Python API besides its init. Torch >= 2.10 headers need C++20.
+    macros = []
     if use_cuda:
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension("latentdiff._C", sources + cuda_sources, define_macros=macros + [("LATENTDIFF_CUDA", "1")],
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
                             py_limited_api=True)
@@ -67,6 +71,7 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
     install_requires=["torch>=2.4", "open_clip_torch>=2.20", "ninja", "pybind11", "webdataset>=0.2.80", "einops",
                       "safetensors>=0.4", "pillow", "tqdm", "pyyaml"],
-    extras_require={"test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "accelerate"]},
+    extras_require={"data": ["emoji>=2.10"],  # emoji aliases for `python -m latentdiff.data emoji`
+                    "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "emoji>=2.10"]},
     entry_points={"console_scripts": ["latentdiff-generate=latentdiff.generate:main"]},
 )
