@@ -193,9 +193,10 @@ class Pipeline:
         noise = NoiseSampler(generators)
 
         use_cfg = guidance != 1.0
-        context = self.encode_prompts(prompts, negs, clip_skip)
-        if not use_cfg:
-            context = context[B:]
+        if use_cfg:
+            context = self.encode_prompts(prompts, negs, clip_skip)
+        else:  # guidance 1 is the conditional model alone: one batch, the negative prompt plays no part
+            context = self.text.encode(prompts, clip_skip=clip_skip)
         denoiser = UNetDenoiser(self.unet, self.schedule, self.config.diffusion.prediction, context,
                                 guidance if use_cfg else None, guidance_rescale, self.dtype)
 
@@ -204,10 +205,12 @@ class Pipeline:
         with ops.use_backend(backend):
             if init_image is not None:
                 x, sigmas = self._init_from_image(init_image, (width, height), sigmas, strength, noise, shape)
-            elif latents is not None:
-                x = latents.to(self.device, torch.float32)
             else:
-                x = noise(torch.empty(shape, device=self.device)) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+                # `latents` are the starting noise (unit variance), as in diffusers; scaled to the first sigma here.
+                if latents is not None and tuple(latents.shape) != shape:
+                    raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+                start = noise(torch.empty(shape, device=self.device)) if latents is None else latents.to(self.device, torch.float32)
+                x = start * math.sqrt(1.0 + float(sigmas[0]) ** 2)
 
             track: list[torch.Tensor] = []
 

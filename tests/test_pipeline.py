@@ -169,3 +169,14 @@ def test_sampling_loop_has_no_host_device_syncs(tiny_checkpoint, sampler):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out).all()
+
+
+def test_given_latents_are_the_starting_noise(pipe):
+    """latents= is unit-variance noise (diffusers' convention): passing the seed's own draw reproduces the seed."""
+    from latentdiff.samplers import NoiseSampler
+    kw = dict(steps=3, sampler="euler", guidance=3.0, progress=False, return_latents=True)
+    ref = pipe("a cat", seed=9, **kw).latents
+    draw = NoiseSampler([torch.Generator().manual_seed(9)])(torch.empty(1, 4, 16, 16))
+    assert torch.equal(pipe("a cat", latents=draw, seed=0, **kw).latents, ref)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe("a cat", latents=torch.zeros(1, 4, 8, 8), **kw)
