@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import copy
 import csv
 import hashlib
@@ -72,6 +73,10 @@ class TrainConfig:
     loss_weighting: Literal["simple", "min_snr", "vlb"] = "simple"
     min_snr_gamma: float = 5.0
     kl_weight: float = 1e-6  # VAE stage: loss = L1 + kl_weight * KL, both summed per image (ldm's convention)
+    # VAE stage: "estimate" exports vae.scale_factor = 1/std of the latents (unit-variance U-Net inputs, as ldm's
+    # scale_by_std); "keep" leaves the config's; "auto" estimates from scratch and keeps when fine-tuning (init),
+    # because a U-Net trained on the old latents expects the old factor.
+    vae_scale_factor: Literal["auto", "estimate", "keep"] = "auto"
     out_dir: str = "runs/train"
     seed: int = 0
     log_every: int = 10
@@ -312,10 +317,23 @@ def set_rng_state(state: dict, gen: torch.Generator):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@torch.no_grad()
+def estimate_scale_factor(vae, pixels: torch.Tensor) -> float:
+    """1 / std of the posterior-mean latents of a batch, so the diffusion model sees unit-variance latents."""
+    was_training = vae.training
+    vae.eval()
+    z = vae.encode_posterior(pixels).mode().float()
+    vae.train(was_training)
+    return float(1.0 / z.std())
+
+
 def save_checkpoint(out_dir: Path, step: int, models: Models, trained: dict[str, nn.Module], ema: EMA,
                     opt: torch.optim.Optimizer, gen: torch.Generator, config: dict, counters: dict,
-                    d: Dist, keep_last: int) -> Path:
-    """Every rank sends its RNG state to rank 0, which writes a temp directory and renames it (atomic)."""
+                    d: Dist, keep_last: int, scale_batch: torch.Tensor | None = None) -> Path:
+    """Every rank sends its RNG state to rank 0, which writes a temp directory and renames it (atomic).
+
+    With scale_batch (VAE stage), the exported config's vae.scale_factor is estimated from it with the EMA VAE.
+    """
     rngs = all_gather(rng_state(gen), d)  # RNG of every rank, so a resume continues each rank's stream
     final = out_dir / f"ckpt-{step:08d}"
     if d.main:
@@ -323,6 +341,10 @@ def save_checkpoint(out_dir: Path, step: int, models: Models, trained: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         exported = Models(models.config, **{k: ema.modules.get(k, getattr(models, k)) for k in ("unet", "vae", "text")})
+        if scale_batch is not None:
+            vae_cfg = dataclasses.replace(exported.config.vae,
+                                          scale_factor=estimate_scale_factor(exported.vae, scale_batch))
+            exported = dataclasses.replace(exported, config=dataclasses.replace(exported.config, vae=vae_cfg))
         save_models(tmp / "model.safetensors", exported.config, exported.unet, exported.vae, exported.text,
                     extra_metadata={"latentdiff.train.step": step, "latentdiff.train.weights": "ema"})
         state = {
@@ -608,13 +630,15 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
                 yield from loader
 
         data_iter = batches()
-        fixed_batch = None
+        fixed_batch = None  # VAE stage: the first 8 images, for sample grids and the latent scale factor
+        estimate_scale = cfg.stage == "vae" and (cfg.vae_scale_factor == "estimate" or
+                                                 (cfg.vae_scale_factor == "auto" and cfg.init is None))
         window_loss, window_n, window_t, window_images = 0.0, 0, time.perf_counter(), 0
         consecutive, grad_norm, start_time, start_step = 0, float("nan"), time.perf_counter(), step
 
         def checkpoint_now():
             path = save_checkpoint(out_dir, step, models, trained, ema, opt, gen, config_dict, counters, d,
-                                   cfg.keep_last)
+                                   cfg.keep_last, fixed_batch["pixels"] if estimate_scale else None)
             log.info(f"step {step}: saved {path}")
 
         # Under torchrun each rank runs in its own session: if the agent is killed, stop rather than train on

@@ -321,6 +321,25 @@ def test_vae_stage_reduces_reconstruction_loss(clean_shards, tmp_path):
         assert torch.equal(v, state["ema"]["modules"]["vae"][k]), k
     assert Image.open(out / "samples" / "step-00000012.png").size == (4 * 32, 2 * 32)  # originals over EMA recons
 
+    # From scratch the exported scale factor is estimated (1/std of the reference batch's latents): latents of the
+    # other training images, scaled by it, have a standard deviation near 1, and SD's 0.18215 is gone.
+    from latentdiff.data import DataConfig, make_loader
+    assert models.config.vae.scale_factor != pytest.approx(0.18215)
+    loader = make_loader(DataConfig(shards=clean_shards, resolution=32, batch_size=8, num_workers=0,
+                                    caption_dropout=0.0, resample=False))
+    pixels = torch.cat([b["pixels"] for b in loader])
+    with torch.no_grad():
+        std = models.vae.encode(pixels).std().item()  # encode() applies the stored factor
+    assert 0.6 < std < 1.6, std
+
+
+def test_vae_stage_keeps_the_scale_factor_when_asked(clean_shards, tmp_path):
+    out = tmp_path / "vae"
+    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=2,
+                                                          vae_scale_factor="keep"), "--data.num_workers=0"])
+    models = load_models(complete_checkpoints(out)[2] / "model.safetensors")
+    assert models.config.vae.scale_factor == pytest.approx(0.18215)
+
 
 def test_gradient_checkpointing_changes_nothing_but_memory(clean_shards, tmp_path, tiny_checkpoint):
     """Text encoder trained with the U-Net, min-SNR weighting, two accumulated micro-batches: the same run with
