@@ -19,9 +19,17 @@ def read_version():
     raise RuntimeError("no __version__ in latentdiff/__init__.py")
 
 
+def find_cuda_home():
+    """Set CUDA_HOME before torch reads it: torch derives it from `which nvcc`, which is wrong when nvcc on the
+    PATH is a wrapper script (e.g. /usr/local/bin/nvcc exec-ing the real one gives /usr/local)."""
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def extensions():
     if os.environ.get("LATENTDIFF_NO_EXT") == "1":
         return [], {}
+    find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -35,6 +43,14 @@ def extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
                 and os.environ.get("LATENTDIFF_NO_CUDA") != "1")
+    if use_cuda and not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        print(f"latentdiff: CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h, so only the C++ kernels are built; "
+              "set CUDA_HOME to the CUDA toolkit to build the CUDA kernels too")
+        use_cuda = False
+    if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to read the architecture from: Ampere and Hopper machine code, plus PTX that newer GPUs can JIT.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        print("latentdiff: no GPU visible, building CUDA kernels for TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX")
     if os.name == "nt":
         cxx = ["/O2", "/std:c++20", "/openmp"]
     else:  # -Wno-unknown-pragmas: the ATen vector headers use `#pragma unroll`, which GCC does not know
