@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .config import CONFIG_DIR, ModelConfig, from_dict, load_model_config, to_dict
+from .files import atomic_write
 from .text_encoder import TextEncoder
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -318,10 +319,5 @@ def save_models(path: str | os.PathLike, config: ModelConfig, unet: UNetModel, v
         tensors[k] = v.to("cpu").contiguous()
     metadata = {CONFIG_KEY: json.dumps(to_dict(config))}
     metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import atomic_write
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the loader decodes, in order of preference
 SOURCE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what make-shards accepts
 
@@ -319,20 +321,11 @@ def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes):
 
 def write_tar(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]):
     """Write [(key, {ext: bytes})] as one tar, atomically: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, files in samples:
-                    for ext, data in files.items():
-                        _tar_bytes(tar, f"{key}.{ext}", data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, files in samples:
+                for ext, data in files.items():
+                    _tar_bytes(tar, f"{key}.{ext}", data)
 
 
 class ShardWriter:
@@ -773,9 +766,8 @@ def make_emoji_shards(out, resolution: int = 64, per_shard: int = 100, font_path
                                        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
             index.append({"codepoint": codepoint, "char": text, "name": name, "shard": shard, "key": key})
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index)
-    tmp = Path(out) / f".index.jsonl.tmp{os.getpid()}"
-    tmp.write_text(lines, encoding="utf-8")
-    os.replace(tmp, Path(out) / "index.jsonl")
+    with atomic_write(Path(out) / "index.jsonl") as tmp:
+        tmp.write_text(lines, encoding="utf-8")
     return {"written": writer.count, "shards": [str(p) for p in writer.paths], "skipped": dict(skipped),
             "font": path, "aliases": _emoji_package() is not None}
 

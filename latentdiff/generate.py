@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from . import __version__
+from .files import atomic_write
 
 BUNDLED = Path(__file__).resolve().parent / "weights" / "emoji.safetensors"
 
@@ -53,29 +54,16 @@ def file_hash(path: str | Path) -> str:
                 h.update(block)
         cache[key] = h.hexdigest()[:10]
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(cache_file, json.dumps(cache).encode())
+            with atomic_write(cache_file) as tmp:
+                tmp.write_text(json.dumps(cache))
         except OSError:
             pass  # a read-only home only costs a re-hash next time
     return cache[key]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_image(image: Image.Image, path: Path, parameters: str | None = None) -> None:
-    """Write a PNG (or GIF for a list of frames) atomically: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+def save_image(image: Image.Image | list[Image.Image], path: Path, parameters: str | None = None) -> None:
+    """Write a PNG (or a GIF for a list of frames) atomically: a crash never leaves half a file."""
+    with atomic_write(path) as tmp:
         if isinstance(image, list):  # animation frames
             image[0].save(tmp, format="GIF", save_all=True, append_images=image[1:], duration=120, loop=0)
         else:
@@ -83,10 +71,6 @@ def save_image(image: Image.Image, path: Path, parameters: str | None = None) ->
             if parameters:
                 info.add_text("parameters", parameters)
             image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_parameters(p: dict) -> str:

@@ -47,6 +47,7 @@ from . import diffusion
 from .checkpoint import Models, build_models as build_fresh, load_models, save_models
 from .config import ConfigError, ModelConfig, from_dict, load_yaml, parse_overrides, to_dict
 from .data import DataConfig, make_loader
+from .files import atomic_write
 from .schedule import Schedule
 
 
@@ -458,10 +459,8 @@ def save_samples(path: Path, models: Models, ema: EMA, cfg: TrainConfig, data_cf
     for j, row in enumerate(rows):
         for i, im in enumerate(row):
             grid.paste(im, (i * w, j * h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def weights_digest(modules: dict[str, nn.Module]) -> str:
@@ -608,9 +607,8 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         for p in out_dir.glob(".tmp-*"):  # partial writes of a killed run
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             log.info(f"removed {p.name}, left by an interrupted write")
-        tmp = out_dir / ".config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        os.replace(tmp, out_dir / "config.yaml")
+        with atomic_write(out_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config_dict, sort_keys=False))
     n_params = sum(p.numel() for p in params)
     log.info(f"{cfg.stage} stage: {n_params / 1e6:.2f}M trained parameters, {d.world_size} rank(s) on "
              f"{d.device.type}, {'bf16 autocast' if use_bf16 else 'fp32'}, "
