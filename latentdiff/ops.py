@@ -23,19 +23,19 @@ BACKENDS = ("fused", "torch")
 # Eager references (float math in the input dtype, exactly as a user would write it)
 
 
+def _row_coefs(t, table, like):
+    """table[t] as a (B, 1, ..., 1) tensor on like's device and in its dtype, ready to broadcast over a batch."""
+    return table.to(like.device)[t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+
 def q_sample_ref(x0, noise, t, sqrt_ab, sqrt_1m_ab):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with abar gathered per batch row by t."""
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    a = sqrt_ab.to(x0.device)[t].to(x0.dtype).view(shape)
-    s = sqrt_1m_ab.to(x0.device)[t].to(x0.dtype).view(shape)
-    return a * x0 + s * noise
+    return _row_coefs(t, sqrt_ab, x0) * x0 + _row_coefs(t, sqrt_1m_ab, x0) * noise
 
 
 def q_sample_target_ref(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction: str):
     """q_sample plus the training target for `prediction` (epsilon, sample or v_prediction)."""
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    a = sqrt_ab.to(x0.device)[t].to(x0.dtype).view(shape)
-    s = sqrt_1m_ab.to(x0.device)[t].to(x0.dtype).view(shape)
+    a, s = _row_coefs(t, sqrt_ab, x0), _row_coefs(t, sqrt_1m_ab, x0)
     x_t = a * x0 + s * noise
     if prediction == "epsilon":
         target = noise.clone()
@@ -194,11 +194,6 @@ def sampler_step(x, out, *, p: float, q: float, a: float, b: float, c: float = 0
 
 # ----------------------------------------------------------------------------------------------
 # Fake kernels (shapes for torch.compile and meta tensors) and autograd for the fused ops
-
-
-def _row_coefs(t, table, like):
-    """table[t] as a (B, 1, ..., 1) tensor in like's dtype, ready to broadcast over a batch."""
-    return table[t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
 
 
 def _table_grad(table, t, *pairs):
