@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .config import CONFIG_DIR, ModelConfig, from_dict, load_model_config, to_dict
 from .files import atomic_write
+from .ops import PREDICTIONS
 from .text_encoder import TextEncoder
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -41,7 +42,6 @@ SCHEDULE_BUFFERS = frozenset({
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"})
 
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
 class CheckpointError(RuntimeError):

@@ -16,11 +16,6 @@ PREDICTIONS = ops.PREDICTIONS
 LOSS_WEIGHTS = ("simple", "min_snr", "vlb")
 
 
-def _check_prediction(prediction: str):
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-
-
 def q_sample(x0, t, noise, schedule: Schedule):
     """x_t ~ q(x_t | x0) for integer timesteps t (one per batch row), Ho et al. 2020, eq. 4."""
     sqrt_ab, sqrt_1m_ab = schedule.tables(x0.device)
@@ -29,7 +24,6 @@ def q_sample(x0, t, noise, schedule: Schedule):
 
 def training_batch(x0, t, noise, schedule: Schedule, prediction: str):
     """(x_t, target) for one training step: the target is eps, x0 or v depending on `prediction`."""
-    _check_prediction(prediction)
     sqrt_ab, sqrt_1m_ab = schedule.tables(x0.device)
     return ops.q_sample_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction)
 
@@ -38,14 +32,13 @@ def _coefs(schedule: Schedule, t, like):
     """a = sqrt(abar_t), s = sqrt(1 - abar_t) per row, shaped to broadcast over `like` (float64 for float64 data)."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     sqrt_ab, sqrt_1m_ab = schedule.tables(like.device, dtype)
-    shape = (-1,) + (1,) * (like.dim() - 1)
     t = torch.as_tensor(t, device=like.device)
-    return sqrt_ab[t].to(like.dtype).view(shape), sqrt_1m_ab[t].to(like.dtype).view(shape)
+    return ops.row_coefs(t, sqrt_ab, like), ops.row_coefs(t, sqrt_1m_ab, like)
 
 
 def predict_x0_eps(pred, x_t, t, schedule: Schedule, prediction: str):
     """(x0, eps) implied by a network output of type `prediction` at x_t."""
-    _check_prediction(prediction)
+    ops.check_prediction(prediction)
     a, s = _coefs(schedule, t, x_t)
     if prediction == "epsilon":
         return (x_t - s * pred) / a, pred
@@ -57,7 +50,7 @@ def predict_x0_eps(pred, x_t, t, schedule: Schedule, prediction: str):
 
 def convert(pred, x_t, t, schedule: Schedule, src: str, dst: str):
     """Re-express a prediction of type `src` at x_t as one of type `dst`."""
-    _check_prediction(dst)
+    ops.check_prediction(dst)
     x0, eps = predict_x0_eps(pred, x_t, t, schedule, src)
     if dst == "epsilon":
         return eps
@@ -80,7 +73,7 @@ def loss_weight(t, schedule: Schedule, kind: str = "simple", prediction: str = "
              At t = 0, tilde-beta_0 = 0, so sigma_0^2 is the clipped tilde-beta_1 (posterior_log_variance_clipped):
              the weight is then exactly that of the Gaussian decoder NLL -log N(x0; mu_theta, tilde-beta_1) of L_0.
     """
-    _check_prediction(prediction)
+    ops.check_prediction(prediction)
     t = torch.as_tensor(t)
     # Gather from a per-device table so a GPU t never travels to the host.
     return _weight_table(schedule, kind, prediction, float(gamma), str(t.device), dtype)[t]

@@ -23,28 +23,32 @@ BACKENDS = ("fused", "torch")
 # Eager references (float math in the input dtype, exactly as a user would write it)
 
 
-def _row_coefs(t, table, like):
+def check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
+def row_coefs(t, table, like):
     """table[t] as a (B, 1, ..., 1) tensor on like's device and in its dtype, ready to broadcast over a batch."""
     return table.to(like.device)[t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
 
 
 def q_sample_ref(x0, noise, t, sqrt_ab, sqrt_1m_ab):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with abar gathered per batch row by t."""
-    return _row_coefs(t, sqrt_ab, x0) * x0 + _row_coefs(t, sqrt_1m_ab, x0) * noise
+    return row_coefs(t, sqrt_ab, x0) * x0 + row_coefs(t, sqrt_1m_ab, x0) * noise
 
 
 def q_sample_target_ref(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction: str):
     """q_sample plus the training target for `prediction` (epsilon, sample or v_prediction)."""
-    a, s = _row_coefs(t, sqrt_ab, x0), _row_coefs(t, sqrt_1m_ab, x0)
+    a, s = row_coefs(t, sqrt_ab, x0), row_coefs(t, sqrt_1m_ab, x0)
     x_t = a * x0 + s * noise
     if prediction == "epsilon":
         target = noise.clone()
     elif prediction == "sample":
         target = x0.clone()
-    elif prediction == "v_prediction":
-        target = a * noise - s * x0  # v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans & Ho 2022)
     else:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        check_prediction(prediction)
+        target = a * noise - s * x0  # v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans & Ho 2022)
     return x_t, target
 
 
@@ -173,8 +177,7 @@ def q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, *, backend: str | None = None, o
 
 def q_sample_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction: str, *, backend: str | None = None):
     """Forward process and training target in one pass; returns (x_t, target)."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    check_prediction(prediction)
     if _resolve(backend) == "fused" and _fused_for(x0):
         return torch.ops.latentdiff.q_sample_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, PREDICTIONS.index(prediction))
     return q_sample_target_ref(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction)
@@ -236,7 +239,7 @@ def _register_fake_and_autograd():
 
     def backward_q_sample(ctx, grad):
         t, sqrt_ab, sqrt_1m_ab, x0, noise = ctx.saved_tensors
-        a, s = _row_coefs(t, sqrt_ab, grad), _row_coefs(t, sqrt_1m_ab, grad)
+        a, s = row_coefs(t, sqrt_ab, grad), row_coefs(t, sqrt_1m_ab, grad)
         need = ctx.needs_input_grad
         return (grad * a if need[0] else None, grad * s if need[1] else None, None,
                 _table_grad(sqrt_ab, t, (grad, x0, 1)) if need[3] else None,
@@ -244,7 +247,7 @@ def _register_fake_and_autograd():
 
     def backward_q_sample_target(ctx, grad_xt, grad_target):
         t, sqrt_ab, sqrt_1m_ab, x0, noise = ctx.saved_tensors
-        a, s = _row_coefs(t, sqrt_ab, grad_xt), _row_coefs(t, sqrt_1m_ab, grad_xt)
+        a, s = row_coefs(t, sqrt_ab, grad_xt), row_coefs(t, sqrt_1m_ab, grad_xt)
         need, pred = ctx.needs_input_grad, ctx.prediction
         gx0, gnoise = grad_xt * a, grad_xt * s
         if pred == 0:  # target = eps
