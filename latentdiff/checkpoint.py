@@ -43,7 +43,6 @@ SCHEDULE_BUFFERS = frozenset({
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"})
 
 
-
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file and the problem."""
 
