@@ -204,21 +204,11 @@ def output_paths(output: str | None, names: list[str]) -> list[Path]:
     return paths
 
 
-def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
-    return out
-
-
 def run(args, given: set[str] = frozenset()) -> list[Path]:
     """Generate and save; `given` names the options the user typed (they override --from-png)."""
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_model_config
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, image_grid
     from .samplers import get_sampler
 
     # --from-png supplies the settings; options given on the command line still win.
@@ -309,11 +299,11 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         written.append(path)
         if args.trajectory:
             frames = result.trajectory[k]
-            save_image(grid(frames, cols=len(frames)), path.with_name(path.stem + "-trajectory.png"))
+            save_image(image_grid(frames, cols=len(frames)), path.with_name(path.stem + "-trajectory.png"))
             save_image(frames, path.with_name(path.stem + "-trajectory.gif"))
     if args.grid and len(result.images) > 1:
         grid_path = paths[0].with_name(f"grid-{slug(prompts[0])}-{seed}.png")
-        save_image(grid(result.images, cols=args.num_images if len(prompts) > 1 else None), grid_path,
+        save_image(image_grid(result.images, cols=args.num_images if len(prompts) > 1 else None), grid_path,
                    f"grid of {len(result.images)} images, seeds {seed}..{seed + n_total - 1}")
         written.append(grid_path)
     return written

@@ -92,6 +92,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Images of one size on a grid, row by row (cols defaults to a near-square layout); empty cells are white."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    out = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        out.paste(im, ((i % cols) * w, (i // cols) * h))
+    return out
+
+
 def from_pil(image: Image.Image, size: tuple[int, int], device, dtype) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) in [-1, 1], resized to size = (width, height)."""
     image = image.convert("RGB").resize(size, Image.LANCZOS)

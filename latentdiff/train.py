@@ -437,8 +437,7 @@ class Logger:
 def save_samples(path: Path, models: Models, ema: EMA, cfg: TrainConfig, data_cfg: DataConfig, device,
                  fixed_batch: dict | None):
     """A grid from the EMA weights: prompts for the U-Net stage, originals over reconstructions for the VAE."""
-    from PIL import Image
-    from .pipeline import Pipeline, to_pil
+    from .pipeline import Pipeline, image_grid, to_pil
 
     if cfg.stage == "unet":
         m = Models(models.config, ema.modules["unet"], models.vae, ema.modules.get("text", models.text))
@@ -454,11 +453,7 @@ def save_samples(path: Path, models: Models, ema: EMA, cfg: TrainConfig, data_cf
         vae = ema.modules["vae"]
         x = fixed_batch["pixels"][:8].to(device)
         rows = [to_pil(x), to_pil(vae.decode(vae.encode(x)))]
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)))
-    for j, row in enumerate(rows):
-        for i, im in enumerate(row):
-            grid.paste(im, (i * w, j * h))
+    grid = image_grid([im for row in rows for im in row], cols=len(rows[0]))  # rows are of equal length
     with atomic_write(path) as tmp:
         grid.save(tmp, format="PNG")
 
