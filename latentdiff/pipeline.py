@@ -105,9 +105,8 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 
 def from_pil(image: Image.Image, size: tuple[int, int], device, dtype) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) in [-1, 1], resized to size = (width, height)."""
-    image = image.convert("RGB").resize(size, Image.LANCZOS)
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
-    return (x.permute(2, 0, 1).float() / 127.5 - 1).unsqueeze(0).to(device, dtype)
+    from .data import to_tensor
+    return to_tensor(image.convert("RGB").resize(size, Image.LANCZOS)).unsqueeze(0).to(device, dtype)
 
 
 class Pipeline:
