@@ -320,3 +320,41 @@ def save_models(path: str | os.PathLike, config: ModelConfig, unet: UNetModel, v
     metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def main(argv=None) -> int:
+    """`python -m latentdiff.checkpoint SRC OUT`: any checkpoint we load -> one of our .safetensors files."""
+    import argparse
+    import sys
+
+    from .config import ConfigError, merge, parse_overrides
+    p = argparse.ArgumentParser(prog="python -m latentdiff.checkpoint",
+                                description="Convert a checkpoint (SD 1.x / 2.x or latentdiff, .safetensors or "
+                                            ".ckpt) into a latentdiff .safetensors file, e.g. fp16 for shipping.")
+    p.add_argument("src")
+    p.add_argument("out", help="output .safetensors path (written atomically)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--ema", action="store_true", help="take the U-Net's EMA weights (model_ema.*) from SD files")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="change the stored config, e.g. --set sampling.guidance=3 sampling.steps=20")
+    args = p.parse_args(argv)
+    try:
+        _, metadata = load_file(args.src)
+        models = load_models(args.src, ema=args.ema)
+        config = models.config
+        if args.set:
+            over = parse_overrides(["--" + s.lstrip("-") for s in args.set])
+            config = from_dict(ModelConfig, merge(to_dict(config), over), "config")
+        kept = {k: v for k, v in metadata.items() if k != CONFIG_KEY}
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        save_models(args.out, config, models.unet, models.vae, models.text, dtype=dtype, extra_metadata=kept)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    size = os.path.getsize(args.out) / 2**20
+    print(f"wrote {args.out} ({size:.1f} MiB, {args.dtype}, {config.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,8 +29,10 @@ from PIL import Image
 from tqdm import tqdm
 
 
-def load_reference(data_dir: str | Path, resolution: int | None = None, limit: int | None = None):
-    """(names, prompts, images) from an emoji-style folder: index.jsonl + the shards it names.
+def load_reference(data_dir: str | Path, resolution: int | None = None, limit: int | None = None,
+                   shards: list[str] | None = None):
+    """(names, prompts, images) from an emoji-style folder: index.jsonl + the shards it names (or those of them
+    whose file names are in `shards`: a model trained on part of the set is graded on that part).
 
     images: uint8 (N, 3, R, R); prompts: the first caption template of each (e.g. "a cat").
     """
@@ -39,6 +41,11 @@ def load_reference(data_dir: str | Path, resolution: int | None = None, limit: i
     if not index.exists():
         raise SystemExit(f"evaluate: error: {index} not found; make it with python -m latentdiff.data emoji --out {data_dir}")
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    if shards is not None:
+        keep = {Path(p).name for p in shards}
+        rows = [r for r in rows if Path(r["shard"]).name in keep]
+        if not rows:
+            raise SystemExit(f"evaluate: error: no reference in {index} comes from the shards given")
     if limit:
         step = max(1, len(rows) // limit)  # spread over the whole set rather than its first block
         rows = rows[::step][:limit]
@@ -116,6 +123,48 @@ def generate_all(pipe, prompts: list[str], *, steps, sampler, guidance, seed=0, 
     return torch.stack(out)
 
 
+@torch.no_grad()
+def denoise_from(pipe, prompts: list[str], images: torch.Tensor, t: int, steps: int | None, *, sampler, guidance,
+                 seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """Noise each reference image's latent to timestep t and bring it back: uint8 (N, 3, H, W).
+
+    steps None: one step, the model's own x0 estimate at t. Otherwise the sampler runs `steps` steps on Karras
+    sigmas from sigma_t down to the schedule's smallest sigma. Same latents and noise in both cases.
+    """
+    from .pipeline import UNetDenoiser, to_pil
+    from .samplers import NoiseSampler, get_sampler, sample_euler
+    from .schedule import karras_sigmas
+
+    s = pipe.schedule
+    sigma_t = float(s.sigmas[t])
+    spec = get_sampler(sampler)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        x = images[i:i + batch_size].to(pipe.device, pipe.dtype) / 127.5 - 1
+        x0 = pipe.vae.encode(x).float()
+        gens = [torch.Generator(pipe.device).manual_seed(seed + i + j) for j in range(len(x0))]
+        noise = NoiseSampler(gens)
+        x_t = x0 + sigma_t * noise(x0)  # sigma space: x_t / sqrt(abar_t), the q-sample at t
+        chunk = prompts[i:i + batch_size]
+        ctx = pipe.encode_prompts(chunk, [""] * len(chunk)) if guidance != 1.0 else pipe.text.encode(chunk)
+        den = UNetDenoiser(pipe.unet, s, pipe.config.diffusion.prediction, ctx,
+                           guidance if guidance != 1.0 else None, dtype=pipe.dtype)
+        if steps is None:  # an Euler step from sigma_t to 0 lands on D(x_t, sigma_t): the x0 estimate
+            sigmas, fn = torch.tensor([sigma_t, 0.0], dtype=torch.float64), sample_euler
+        else:
+            sig = karras_sigmas(steps, float(s.sigmas[0]), sigma_t)
+            sigmas, fn = torch.cat([sig, sig.new_zeros(1)]), spec.fn
+        x0_hat = fn(den, x_t, sigmas, noise=noise, disable=True)
+        out += [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in to_pil(pipe.decode(x0_hat))]
+    return torch.stack(out)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of the PSNR (dB) between two uint8 batches."""
+    mse = ((a.double() - b.double()) / 255).square().flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse.clamp(min=1e-10))).mean())
+
+
 def command_seconds(checkpoint: str | None, runs: int = 5, prompt: str = "a cat") -> list[float]:
     """Wall time of the real command, start-up included (a fresh interpreter each run)."""
     cmd = [sys.executable, "-m", "latentdiff.generate", prompt, "--seed", "0", "-o", "/tmp/latentdiff-speed.png"]
@@ -146,6 +195,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m latentdiff.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="model to evaluate (default: the bundled emoji model)")
     p.add_argument("--data", required=True, help="reference folder with index.jsonl (python -m latentdiff.data emoji)")
+    p.add_argument("--shards", help="only the references from these shards of --data (brace pattern, e.g. "
+                                    "'emoji-{000000..000002}.tar'): for a model trained on them")
     p.add_argument("--limit", type=int, help="evaluate on this many references, spread over the set")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--sampler", help="sampler (default: the model's)")
@@ -156,6 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--speed", action="store_true", help="also time the generate command (5 runs) and a batch")
     p.add_argument("--out", help="write the numbers as JSON here")
     p.add_argument("--sheet", help="write a PNG of references, generations and their nearest neighbours here")
+    p.add_argument("--denoise-from", metavar="T,T,...",
+                   help="also noise each reference to these timesteps and denoise it in one step (the model's x0 "
+                        "estimate) and iteratively (the sampler with --steps); PSNR to the reference and top-1")
     args = p.parse_args(argv)
 
     checkpoint = args.checkpoint or str(BUNDLED)
@@ -163,7 +217,11 @@ def main(argv=None) -> int:
     d = pipe.config.sampling
     steps, sampler = args.steps or d.steps, args.sampler or d.sampler
     guidance = d.guidance if args.guidance is None else args.guidance
-    names, prompts, ref = load_reference(args.data, pipe.config.image_size, args.limit)
+    shards = None
+    if args.shards:
+        import braceexpand
+        shards = list(braceexpand.braceexpand(args.shards))
+    names, prompts, ref = load_reference(args.data, pipe.config.image_size, args.limit, shards)
     gen = generate_all(pipe, prompts, steps=steps, sampler=sampler, guidance=guidance, seed=args.seed,
                        batch_size=args.batch_size)
     top1, top5, nearest = nearest_hits(features(gen, 16), features(ref, 16))
@@ -183,6 +241,16 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         pipe(["a cat"] * 16, steps=steps, sampler=sampler, guidance=guidance, seed=0, progress=False)
         report["batch16_images_per_s"] = 16 / (time.perf_counter() - t0)
+    if args.denoise_from:
+        ref_feats = features(ref, 16)
+        for t in (int(v) for v in args.denoise_from.split(",")):
+            if not 0 <= t < pipe.schedule.num_timesteps:
+                raise SystemExit(f"evaluate: error: --denoise-from {t} is outside 0..{pipe.schedule.num_timesteps - 1}")
+            for label, n in (("one_step", None), ("iterative", steps)):
+                out = denoise_from(pipe, prompts, ref, t, n, sampler=sampler, guidance=guidance, seed=args.seed,
+                                   batch_size=args.batch_size)
+                hit, _, _ = nearest_hits(features(out, 16), ref_feats)
+                report[f"denoise_t{t}_{label}"] = {"psnr_db": psnr(out, ref), "top1": hit}
     misses = [(names[i], names[int(nearest[i, 0])]) for i in range(len(names)) if int(nearest[i, 0]) != i]
     report["first_misses"] = misses[:20]
     text = json.dumps(report, indent=1)

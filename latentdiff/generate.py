@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-file", help="a text file with one prompt per line")
     p.add_argument("--from-png", help="regenerate from the parameters stored in a PNG made by latentdiff or A1111")
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
+    p.add_argument("--grid-only", action="store_true",
+                   help="write only the grid (a row per prompt), to -o when it is a .png path")
     p.add_argument("--trajectory", action="store_true",
                    help="also write the predicted x0 at every step, as a strip PNG and a GIF, per image")
     p.add_argument("--clip-skip", type=int, help="use the output of this many layers from the end (1 = last)")
@@ -292,6 +294,8 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     model_name = Path(checkpoint).stem
     written = []
     for path, image, prompt, s, k in zip(paths, result.images, result.prompts, result.seeds, range(n_total)):
+        if args.grid_only:
+            break
         params = dict(prompt=prompt, negative=args.negative, seed=s, model=model_name, model_hash=model_hash,
                       strength=args.strength if init_image else None, clip_skip=args.clip_skip,
                       guidance_rescale=args.guidance_rescale, prediction=args.prediction, **settings)
@@ -301,8 +305,10 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
             frames = result.trajectory[k]
             save_image(image_grid(frames, cols=len(frames)), path.with_name(path.stem + "-trajectory.png"))
             save_image(frames, path.with_name(path.stem + "-trajectory.gif"))
-    if args.grid and len(result.images) > 1:
+    if args.grid_only or (args.grid and len(result.images) > 1):
         grid_path = paths[0].with_name(f"grid-{slug(prompts[0])}-{seed}.png")
+        if args.grid_only and args.output and args.output.lower().endswith(".png"):
+            grid_path = Path(args.output)
         save_image(image_grid(result.images, cols=args.num_images if len(prompts) > 1 else None), grid_path,
                    f"grid of {len(result.images)} images, seeds {seed}..{seed + n_total - 1}")
         written.append(grid_path)

@@ -70,6 +70,9 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     init: str | None = None  # a checkpoint to fine-tune (SD 1.x / 2.x or latentdiff; its config replaces model:)
+    # U-Net stage from scratch on a trained VAE: the VAE (weights and scale_factor) from this checkpoint, the U-Net
+    # and text encoder fresh from model: (so model.diffusion, model.unet, ... overrides apply)
+    init_vae: str | None = None
     train_text_encoder: bool = False  # U-Net stage: train the text encoder with the U-Net instead of freezing it
     loss_weighting: Literal["simple", "min_snr", "vlb"] = "simple"
     min_snr_gamma: float = 5.0
@@ -105,6 +108,9 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
     model = from_dict(ModelConfig, raw["model"], "model") if raw.get("model") is not None else None
     if model is None and train.init is None:
         raise ConfigError(f"config file {path} needs a 'model:' section or train.init (a checkpoint to start from)")
+    if train.init_vae is not None and (train.init is not None or train.stage != "unet"):
+        raise ConfigError("train.init_vae starts a U-Net stage from scratch on a trained VAE: use it with "
+                          "train.stage=unet and without train.init")
     checks = [
         (train.steps >= 1, f"train.steps must be at least 1 (got {train.steps})"),
         (train.grad_accum >= 1, f"train.grad_accum must be at least 1 (got {train.grad_accum})"),
@@ -476,8 +482,17 @@ def build_models(model_cfg: ModelConfig | None, cfg: TrainConfig, device) -> Mod
     """Random weights from the config (seeded, so every rank builds the same), or the init checkpoint."""
     if cfg.init is not None:  # the checkpoint's own config (stored, or detected for SD files) wins over model:
         return load_models(cfg.init, device=device, dtype=torch.float32)
+    if cfg.init_vae is not None:
+        src = load_models(cfg.init_vae, device=device, dtype=torch.float32)
+        if dataclasses.replace(src.config.vae, scale_factor=0.0) != dataclasses.replace(model_cfg.vae, scale_factor=0.0):
+            raise SystemExit(f"error: the VAE in {cfg.init_vae} is not the one model.vae describes; make model.vae "
+                             f"match the checkpoint that trained it")
+        model_cfg = dataclasses.replace(model_cfg, vae=src.config.vae)
     torch.manual_seed(cfg.seed)
-    return build_fresh(model_cfg, device=device)
+    models = build_fresh(model_cfg, device=device)
+    if cfg.init_vae is not None:
+        models.vae.load_state_dict(src.vae.state_dict())
+    return models
 
 
 class Tokenizer:
@@ -607,8 +622,9 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     n_params = sum(p.numel() for p in params)
     log.info(f"{cfg.stage} stage: {n_params / 1e6:.2f}M trained parameters, {d.world_size} rank(s) on "
              f"{d.device.type}, {'bf16 autocast' if use_bf16 else 'fp32'}, "
-             + (f"resumed from {ckpt_path.name} at step {step}" if resumed else "from scratch"
-                if cfg.init is None else f"initialised from {cfg.init}"))
+             + (f"resumed from {ckpt_path.name} at step {step}" if resumed
+                else f"initialised from {cfg.init}" if cfg.init is not None
+                else f"from scratch on the VAE of {cfg.init_vae}" if cfg.init_vae is not None else "from scratch"))
 
     stop = StopRequested()
     try:

@@ -279,3 +279,21 @@ def test_save_load_round_trip_keeps_weights_and_config(tmp_path):
     assert w.dtype == torch.float32 and torch.equal(w, src.unet.out[2].weight.half().float())
     with pytest.raises(CheckpointError, match=r"name it \*\.safetensors"):
         save_models(tmp_path / "m.ckpt", cfg, src.unet, src.vae, src.text)
+
+
+def test_convert_command_writes_fp16_with_config_changes(tmp_path, tiny_checkpoint, capsys):
+    from latentdiff.checkpoint import main
+    out = tmp_path / "half.safetensors"
+    assert main([str(tiny_checkpoint), str(out), "--set", "sampling.guidance=3", "sampling.steps=12"]) == 0
+    src, got = load_models(tiny_checkpoint), load_models(out)
+    assert got.config == dataclasses.replace(src.config, sampling=dataclasses.replace(
+        src.config.sampling, guidance=3.0, steps=12))
+    state, _ = load_file(out)
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    for part in ("unet", "vae", "text"):
+        a, b = getattr(src, part).state_dict(), getattr(got, part).state_dict()
+        assert all(torch.equal(b[k], a[k].half().float()) for k in a), part
+    assert main([str(tmp_path / "missing.safetensors"), str(tmp_path / "x.safetensors")]) == 2
+    assert main([str(tiny_checkpoint), str(tmp_path / "y.safetensors"), "--set", "sampling.stepz=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not found" in err[0] and "stepz" in err[1], err

@@ -2,6 +2,7 @@
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -81,3 +82,30 @@ def test_load_reference_and_the_command(tmp_path, tiny_checkpoint, capsys):
     assert rc == 0 and report["references"] == 6 and 0 <= report["top1"] <= report["top5"] <= 1
     assert report["vae_psnr_db"] > 0 and report["frechet_pix8"] >= 0
     assert Image.open(tmp_path / "s.png").size == (5 * 64, 6 * 64)
+
+
+def test_denoise_from_with_an_oracle_network_returns_the_vae_reconstruction(tmp_path, tiny_checkpoint):
+    """A network that predicts the true x0 (prediction "sample") makes both the one-step estimate and the
+    iterative run land on x0 exactly, whatever the noise: the output is the VAE's round trip of the reference."""
+    import dataclasses
+
+    from latentdiff.checkpoint import load_models
+    from latentdiff.evaluate import denoise_from, psnr
+    from latentdiff.pipeline import Pipeline, to_pil
+    reference_set(tmp_path)
+    _, prompts, images = load_reference(tmp_path)
+    models = load_models(tiny_checkpoint)
+    cfg = dataclasses.replace(models.config, diffusion=dataclasses.replace(models.config.diffusion,
+                                                                           prediction="sample"))
+    pipe = Pipeline(dataclasses.replace(models, config=cfg), device="cpu")
+    with torch.no_grad():
+        x0 = pipe.vae.encode(images.float() / 127.5 - 1)
+    expect = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in to_pil(pipe.decode(x0))])
+    pipe.unet = lambda x, t, ctx: x0.repeat(x.shape[0] // len(x0), 1, 1, 1)
+    for t, steps in ((999, None), (400, None), (999, 5), (250, 3)):
+        out = denoise_from(pipe, prompts, images, t, steps, sampler="DPM++ 2M Karras", guidance=3.0, batch_size=64)
+        assert (out.int() - expect.int()).abs().max() <= 1, (t, steps)  # rounding to uint8 only
+    assert psnr(expect, expect) == pytest.approx(100.0)  # identical images: the 1e-10 MSE floor
+    shifted = (expect.int() + 51).clamp(max=255).to(torch.uint8)
+    err = ((shifted.double() - expect.double()) / 255).square().flatten(1).mean(1)
+    assert psnr(shifted, expect) == pytest.approx(float((10 * torch.log10(1 / err)).mean()))

@@ -40,6 +40,19 @@ def test_same_seed_same_image_and_from_png(tmp_path, capsys, tiny_checkpoint):
     assert rc == 0 and np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
 
 
+def test_grid_only_writes_one_grid_with_a_row_per_prompt(tmp_path, capsys, tiny_checkpoint):
+    (tmp_path / "p.txt").write_text("a fish\na bird\n")
+    base = ["--checkpoint", tiny_checkpoint, "--steps", 2, "--seed", 5]
+    rc, out, _ = run(capsys, "--from-file", tmp_path / "p.txt", *base, "-n", 2, "--grid-only",
+                     "-o", tmp_path / "g" / "gallery.png")
+    assert rc == 0 and out == [str(tmp_path / "g" / "gallery.png")]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["gallery.png"]
+    grid = pixels(tmp_path / "g" / "gallery.png")
+    assert grid.shape == (128, 128, 3)
+    rc, single, _ = run(capsys, "a bird", *base[:-1], 8, "-o", tmp_path / "bird.png")  # 2nd prompt, 2nd image
+    assert np.abs(grid[64:, 64:].astype(int) - pixels(single[0]).astype(int)).max() <= 1
+
+
 def test_image_i_of_n_equals_seed_plus_i(tmp_path, capsys, tiny_checkpoint):
     base = ["a fish", "--checkpoint", tiny_checkpoint, "--steps", 2, "--sampler", "dpmpp_2m_sde"]
     rc, out, _ = run(capsys, *base, "-n", 3, "--seed", 20, "-o", tmp_path / "batch", "--grid")

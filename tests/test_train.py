@@ -361,6 +361,29 @@ def test_gradient_checkpointing_changes_nothing_but_memory(clean_shards, tmp_pat
     assert any(not torch.equal(init[k], v) for k, v in s0["model"]["text"].items())  # the text encoder trained
 
 
+def test_init_vae_keeps_the_vae_and_builds_the_rest_from_model_config(clean_shards, tmp_path, tiny_checkpoint):
+    """train.init_vae: the VAE and its scale factor come from the checkpoint, the U-Net and text encoder are the
+    config's fresh ones, and model: overrides (here the prediction target) apply, unlike with train.init."""
+    out = tmp_path / "x0"
+    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=1, init_vae=tiny_checkpoint),
+                    "--model.diffusion.prediction=sample", "--model.vae.scale_factor=0.5", "--data.num_workers=0"])
+    got = load_models(complete_checkpoints(out)[1] / "model.safetensors")
+    src = load_models(tiny_checkpoint)
+    assert got.config.diffusion.prediction == "sample"
+    assert got.config.vae.scale_factor == src.config.vae.scale_factor == pytest.approx(0.18215)
+    for k, v in src.vae.state_dict().items():
+        assert torch.equal(got.vae.state_dict()[k], v), k
+    torch.manual_seed(0)  # the trainer's seed: the same fresh text encoder as a run from scratch
+    fresh = train_mod.build_fresh(got.config).text.state_dict()
+    assert all(torch.equal(got.text.state_dict()[k], v) for k, v in fresh.items())  # frozen, as built
+    with pytest.raises(SystemExit, match="is not the one model.vae describes"):
+        train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, tmp_path / "bad", steps=1,
+                                                              init_vae=tiny_checkpoint), "--model.vae.z_channels=8",
+                        "--model.vae.embed_dim=8", "--data.num_workers=0"])
+    with pytest.raises(SystemExit, match="train.init_vae starts a U-Net stage"):
+        train_mod.main(["--config", str(CONFIG), "--train.stage=vae", f"--train.init_vae={tiny_checkpoint}"])
+
+
 def test_config_errors_name_the_problem(clean_shards, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown config key\(s\) train\.lrr"):
         train_mod.main(["--config", str(CONFIG), f"--data.shards={clean_shards}", "--train.lrr=1e-4"])
