@@ -349,7 +349,7 @@ def main(argv=None) -> int:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         save_models(args.out, config, models.unet, models.vae, models.text, dtype=dtype, extra_metadata=kept)
     except (CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {_first_line(e).split(': ', 1)[1]}", file=sys.stderr)  # our messages name the problem
         return 2
     size = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out} ({size:.1f} MiB, {args.dtype}, {config.name})")

@@ -6,7 +6,6 @@ import torch
 
 from latentdiff import ops
 from latentdiff.pipeline import Pipeline, UNetDenoiser, pick_device, pick_dtype
-from latentdiff.schedule import Schedule
 
 
 @pytest.fixture(scope="module")
