@@ -57,9 +57,10 @@ class Models:
 
 # ---- reading files --------------------------------------------------------------------------------
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, named: bool = True) -> str:
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+    line = lines[0] if lines else ""
+    return f"{type(e).__name__}: {line}" if named else line
 
 
 def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         save_models(args.out, config, models.unet, models.vae, models.text, dtype=dtype, extra_metadata=kept)
     except (CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {_first_line(e).split(': ', 1)[1]}", file=sys.stderr)  # our messages name the problem
+        print(f"error: {_first_line(e, named=False)}", file=sys.stderr)  # our messages name the problem
         return 2
     size = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out} ({size:.1f} MiB, {args.dtype}, {config.name})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -68,8 +69,13 @@ def load_reference(data_dir: str | Path, resolution: int | None = None, limit: i
             image = image.resize((resolution, resolution), Image.LANCZOS)
         names.append(r["name"])
         prompts.append(captions[0])
-        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
-    return names, prompts, torch.stack(images)
+        images.append(image)
+    return names, prompts, uint8_batch(images)
+
+
+def uint8_batch(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images -> uint8 (N, 3, H, W)."""
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
 
 
 def features(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -108,9 +114,14 @@ def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 64, device=
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device, dtype) / 127.5 - 1
         y = vae.decode(vae.encode(x)).float().clamp(-1, 1)
-        mse = ((y - x.float()) / 2).square().flatten(1).mean(1)
-        psnrs += (10 * torch.log10(1 / mse.clamp(min=1e-10))).tolist()
+        psnrs += psnr_db((y - x.float()) / 2).tolist()
     return statistics.fmean(psnrs)
+
+
+def psnr_db(err: torch.Tensor) -> torch.Tensor:
+    """(N,) PSNR in dB of per-image errors given in [0, 1] pixel units (peak 1); MSE floored at 1e-10."""
+    mse = err.square().flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
 
 
 def generate_all(pipe, prompts: list[str], *, steps, sampler, guidance, seed=0, batch_size=32) -> torch.Tensor:
@@ -119,8 +130,8 @@ def generate_all(pipe, prompts: list[str], *, steps, sampler, guidance, seed=0, 
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
         res = pipe(prompts[i:i + batch_size], steps=steps, sampler=sampler, guidance=guidance, seed=seed + i,
                    progress=False)
-        out += [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in res.images]
-    return torch.stack(out)
+        out += res.images
+    return uint8_batch(out)
 
 
 @torch.no_grad()
@@ -131,38 +142,38 @@ def denoise_from(pipe, prompts: list[str], images: torch.Tensor, t: int, steps: 
     steps None: one step, the model's own x0 estimate at t. Otherwise the sampler runs `steps` steps on Karras
     sigmas from sigma_t down to the schedule's smallest sigma. Same latents and noise in both cases.
     """
-    from .pipeline import UNetDenoiser, to_pil
+    from . import ops
+    from .pipeline import to_pil
     from .samplers import NoiseSampler, get_sampler, sample_euler
     from .schedule import karras_sigmas
 
     s = pipe.schedule
     sigma_t = float(s.sigmas[t])
     spec = get_sampler(sampler)
+    sqrt_ab, sqrt_1m_ab = s.tables(pipe.device)
     out = []
     for i in range(0, len(prompts), batch_size):
         x = images[i:i + batch_size].to(pipe.device, pipe.dtype) / 127.5 - 1
         x0 = pipe.vae.encode(x).float()
         gens = [torch.Generator(pipe.device).manual_seed(seed + i + j) for j in range(len(x0))]
         noise = NoiseSampler(gens)
-        x_t = x0 + sigma_t * noise(x0)  # sigma space: x_t / sqrt(abar_t), the q-sample at t
+        ts = torch.full((len(x0),), t, device=pipe.device, dtype=torch.int64)
+        x_t = ops.q_sample(x0, noise(x0), ts, sqrt_ab, sqrt_1m_ab) * math.sqrt(1.0 + sigma_t ** 2)  # sigma space
         chunk = prompts[i:i + batch_size]
-        ctx = pipe.encode_prompts(chunk, [""] * len(chunk)) if guidance != 1.0 else pipe.text.encode(chunk)
-        den = UNetDenoiser(pipe.unet, s, pipe.config.diffusion.prediction, ctx,
-                           guidance if guidance != 1.0 else None, dtype=pipe.dtype)
+        den = pipe.denoiser(chunk, [""] * len(chunk), guidance)
         if steps is None:  # an Euler step from sigma_t to 0 lands on D(x_t, sigma_t): the x0 estimate
             sigmas, fn = torch.tensor([sigma_t, 0.0], dtype=torch.float64), sample_euler
         else:
             sig = karras_sigmas(steps, float(s.sigmas[0]), sigma_t)
             sigmas, fn = torch.cat([sig, sig.new_zeros(1)]), spec.fn
         x0_hat = fn(den, x_t, sigmas, noise=noise, disable=True)
-        out += [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in to_pil(pipe.decode(x0_hat))]
-    return torch.stack(out)
+        out += to_pil(pipe.decode(x0_hat))
+    return uint8_batch(out)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over images of the PSNR (dB) between two uint8 batches."""
-    mse = ((a.double() - b.double()) / 255).square().flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse.clamp(min=1e-10))).mean())
+    return float(psnr_db((a.double() - b.double()) / 255).mean())
 
 
 def command_seconds(checkpoint: str | None, runs: int = 5, prompt: str = "a cat") -> list[float]:

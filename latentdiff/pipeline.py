@@ -159,6 +159,17 @@ class Pipeline:
         uncond = uncond_unique[torch.tensor([unique.index(n) for n in negatives], device=ctx.device)]
         return torch.cat([uncond, cond])
 
+    @torch.no_grad()
+    def denoiser(self, prompts: list[str], negatives: list[str], guidance: float, guidance_rescale: float = 0.0,
+                 clip_skip: int | None = None) -> UNetDenoiser:
+        """The U-Net conditioned on the prompts, with classifier-free guidance unless guidance is 1."""
+        if guidance != 1.0:
+            context = self.encode_prompts(prompts, negatives, clip_skip)
+        else:  # guidance 1 is the conditional model alone: one batch, the negative prompt plays no part
+            context = self.text.encode(prompts, clip_skip=clip_skip)
+        return UNetDenoiser(self.unet, self.schedule, self.config.diffusion.prediction, context,
+                            guidance if guidance != 1.0 else None, guidance_rescale, self.dtype)
+
     def check(self, *, steps: int, height: int, width: int, guidance: float, strength: float | None = None):
         """Reject bad settings up front with a message that says how to fix them."""
         m = self.size_multiple
@@ -202,13 +213,7 @@ class Pipeline:
             generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         noise = NoiseSampler(generators)
 
-        use_cfg = guidance != 1.0
-        if use_cfg:
-            context = self.encode_prompts(prompts, negs, clip_skip)
-        else:  # guidance 1 is the conditional model alone: one batch, the negative prompt plays no part
-            context = self.text.encode(prompts, clip_skip=clip_skip)
-        denoiser = UNetDenoiser(self.unet, self.schedule, self.config.diffusion.prediction, context,
-                                guidance if use_cfg else None, guidance_rescale, self.dtype)
+        denoiser = self.denoiser(prompts, negs, guidance, guidance_rescale, clip_skip)
 
         sigmas = spec.sigmas(self.schedule, steps)
         shape = (B, self.config.unet.in_channels, height // self.vae.latent_factor, width // self.vae.latent_factor)
