@@ -323,6 +323,19 @@ def save_models(path: str | os.PathLike, config: ModelConfig, unet: UNetModel, v
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def swap_vae(models: Models, other: Models, src_name, vae_name) -> Models:
+    """models with other's VAE (a fine-tuned decoder): same VAE config and latent scale, bit-identical encoder."""
+    if other.config.vae != models.config.vae:
+        raise CheckpointError(f"the VAE in {vae_name} is not the architecture (or latent scale factor) of the one "
+                              f"in {src_name}; pass a VAE trained from it")
+    mine, theirs = models.vae.state_dict(), other.vae.state_dict()
+    encoder = [k for k in mine if k.startswith(("encoder.", "quant_conv."))]
+    if not all(torch.equal(mine[k].float(), theirs[k].float()) for k in encoder):
+        raise CheckpointError(f"the VAE encoder in {vae_name} differs from the one in {src_name}: its latents are not "
+                              f"those the U-Net learnt; fine-tune the decoder only (train.vae_trainable=decoder)")
+    return dataclasses.replace(models, vae=other.vae)
+
+
 def main(argv=None) -> int:
     """`python -m latentdiff.checkpoint SRC OUT`: any checkpoint we load -> one of our .safetensors files."""
     import argparse
@@ -338,10 +351,15 @@ def main(argv=None) -> int:
     p.add_argument("--ema", action="store_true", help="take the U-Net's EMA weights (model_ema.*) from SD files")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="change the stored config, e.g. --set sampling.guidance=3 sampling.steps=20")
+    p.add_argument("--vae", metavar="FILE",
+                   help="take the VAE from this checkpoint instead, e.g. one whose decoder was fine-tuned "
+                        "(train.vae_trainable=decoder); its encoder must be SRC's, so the latents are the same")
     args = p.parse_args(argv)
     try:
         _, metadata = load_file(args.src)
         models = load_models(args.src, ema=args.ema)
+        if args.vae:
+            models = swap_vae(models, load_models(args.vae), args.src, args.vae)
         config = models.config
         if args.set:
             over = parse_overrides(["--" + s.lstrip("-") for s in args.set])

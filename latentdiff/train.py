@@ -75,7 +75,13 @@ class TrainConfig:
     init_vae: str | None = None
     train_text_encoder: bool = False  # U-Net stage: train the text encoder with the U-Net instead of freezing it
     loss_weighting: Literal["simple", "min_snr", "vlb"] = "simple"
+    # U-Net stage: draw t with density proportional to (t + 1)^b (t = floor(T * u^(1 / (1 + b))), u uniform), so
+    # b > 0 spends more of the batch at high noise, where the text alone has to decide what is drawn; 0: uniform
+    timestep_bias: float = 0.0
     min_snr_gamma: float = 5.0
+    # VAE stage: "decoder" freezes the encoder (and quant_conv), so the latents stay those a U-Net may already be
+    # learning while the decoder keeps improving (SD's ft-MSE VAE was made this way); use it with train.init
+    vae_trainable: Literal["all", "decoder"] = "all"
     kl_weight: float = 1e-6  # VAE stage: loss = L1 + kl_weight * KL, both summed per image (ldm's convention)
     # VAE stage: "estimate" exports vae.scale_factor = 1/std of the latents (unit-variance U-Net inputs, as ldm's
     # scale_by_std); "keep" leaves the config's; "auto" estimates from scratch and keeps when fine-tuning (init),
@@ -113,6 +119,7 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
                           "train.stage=unet and without train.init")
     checks = [
         (train.steps >= 1, f"train.steps must be at least 1 (got {train.steps})"),
+        (train.timestep_bias >= 0.0, f"train.timestep_bias must be at least 0, 0 being uniform (got {train.timestep_bias})"),
         (train.grad_accum >= 1, f"train.grad_accum must be at least 1 (got {train.grad_accum})"),
         (train.keep_last >= 1, f"train.keep_last must be at least 1 (got {train.keep_last})"),
         (train.log_every >= 1, f"train.log_every must be at least 1 (got {train.log_every})"),
@@ -124,6 +131,8 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
          "train.stage=vae trains on pixels: set data.latents=false (latent shards are for the U-Net stage)"),
         (not (train.stage == "vae" and train.train_text_encoder),
          "train.train_text_encoder needs train.stage=unet"),
+        (train.vae_trainable == "all" or (train.stage == "vae" and train.init is not None),
+         "train.vae_trainable=decoder fine-tunes a trained VAE: it needs train.stage=vae and train.init"),
     ]
     for ok, message in checks:
         if not ok:
@@ -200,13 +209,23 @@ def barrier(d: Dist):
 # What is trained: one module per stage, so DDP wraps a single forward that returns the loss.
 
 
+def sample_timesteps(n: int, num_timesteps: int, bias: float, gen: torch.Generator, device) -> torch.Tensor:
+    """(n,) int64 timesteps in [0, T): uniform for bias 0, else P(t < k) = (k / T)^(1 + bias)."""
+    if bias == 0.0:
+        return torch.randint(0, num_timesteps, (n,), generator=gen, device=device)
+    u = torch.rand(n, generator=gen, device=device, dtype=torch.float64)
+    return (u.pow(1.0 / (1.0 + bias)) * num_timesteps).long().clamp_(max=num_timesteps - 1)
+
+
 class UNetLoss(nn.Module):
     """Diffusion loss (Ho et al. 2020, eq. 14) with the config's prediction type and per-timestep weighting."""
 
-    def __init__(self, models: Models, schedule: Schedule, train_text: bool, weighting: str, gamma: float):
+    def __init__(self, models: Models, schedule: Schedule, train_text: bool, weighting: str, gamma: float,
+                 timestep_bias: float = 0.0):
         super().__init__()
         self.unet, self.text, self.vae = models.unet, models.text, models.vae
         self.schedule, self.train_text, self.weighting, self.gamma = schedule, train_text, weighting, gamma
+        self.timestep_bias = timestep_bias
         self.prediction = models.config.diffusion.prediction
 
     def forward(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
@@ -219,7 +238,7 @@ class UNetLoss(nn.Module):
         with contextlib.nullcontext() if self.train_text else torch.no_grad():
             context = self.text(batch["tokens"])  # (B, 77, D)
         B = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=gen, device=x0.device)
+        t = sample_timesteps(B, self.schedule.num_timesteps, self.timestep_bias, gen, x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         x_t, target = diffusion.training_batch(x0, t, noise, self.schedule, self.prediction)
         pred = self.unet(x_t, t, context).float()
@@ -564,7 +583,8 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     if cfg.stage == "unet":
         trained = {"unet": models.unet} | ({"text": models.text} if cfg.train_text_encoder else {})
         frozen = ["vae"] + ([] if cfg.train_text_encoder else ["text"])
-        loss_module = UNetLoss(models, schedule, cfg.train_text_encoder, cfg.loss_weighting, cfg.min_snr_gamma)
+        loss_module = UNetLoss(models, schedule, cfg.train_text_encoder, cfg.loss_weighting, cfg.min_snr_gamma,
+                               cfg.timestep_bias)
         models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     else:
         if cfg.gradient_checkpointing:
@@ -575,12 +595,15 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         getattr(models, k).eval().requires_grad_(False)
     for m in trained.values():
         m.train().requires_grad_(True)
+    if cfg.stage == "vae" and cfg.vae_trainable == "decoder":
+        for m in (models.vae.encoder, models.vae.quant_conv):
+            m.eval().requires_grad_(False)
     if state is not None:
         for k, m in trained.items():
             m.load_state_dict(state["model"][k])
 
     ema = EMA(trained, cfg.ema_decay, cfg.ema_warmup)
-    params = [p for m in trained.values() for p in m.parameters()]
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and norm scales (as nanoGPT)
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

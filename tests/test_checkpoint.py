@@ -297,3 +297,35 @@ def test_convert_command_writes_fp16_with_config_changes(tmp_path, tiny_checkpoi
     assert main([str(tiny_checkpoint), str(tmp_path / "y.safetensors"), "--set", "sampling.stepz=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not found" in err[0] and "stepz" in err[1], err
+
+
+def test_convert_with_vae_takes_a_fine_tuned_decoder_and_refuses_another_encoder(tmp_path, tiny_checkpoint, capsys):
+    """--vae FILE: the output is SRC with FILE's VAE, allowed only when FILE's encoder is SRC's bit for bit."""
+    from latentdiff.checkpoint import main, save_models
+    src = load_models(tiny_checkpoint)
+    tuned = load_models(tiny_checkpoint)
+    with torch.no_grad():
+        for p in tuned.vae.decoder.parameters():
+            p.add_(0.01)
+    tuned_path = tmp_path / "tuned.safetensors"
+    save_models(tuned_path, tuned.config, tuned.unet, tuned.vae, tuned.text)
+    out = tmp_path / "merged.safetensors"
+    assert main([str(tiny_checkpoint), str(out), "--vae", str(tuned_path), "--dtype", "fp32"]) == 0
+    got = load_models(out)
+    for k, v in tuned.vae.state_dict().items():
+        assert torch.equal(got.vae.state_dict()[k], v), k
+    assert any(not torch.equal(got.vae.state_dict()[k], v) for k, v in src.vae.state_dict().items())
+    for part in ("unet", "text"):
+        a, b = getattr(src, part).state_dict(), getattr(got, part).state_dict()
+        assert all(torch.equal(b[k], a[k]) for k in a), part
+
+    with torch.no_grad():
+        tuned.vae.encoder.conv_in.weight.add_(0.01)
+    save_models(tuned_path, tuned.config, tuned.unet, tuned.vae, tuned.text)
+    assert main([str(tiny_checkpoint), str(tmp_path / "bad.safetensors"), "--vae", str(tuned_path)]) == 2
+    other = dataclasses.replace(src.config, vae=dataclasses.replace(src.config.vae, scale_factor=0.5))
+    save_models(tuned_path, other, src.unet, src.vae, src.text)
+    assert main([str(tiny_checkpoint), str(tmp_path / "bad.safetensors"), "--vae", str(tuned_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "encoder" in err[0] and "scale factor" in err[1], err
+    assert not (tmp_path / "bad.safetensors").exists()
