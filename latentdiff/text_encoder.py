@@ -10,6 +10,10 @@ SD 2.x: OpenCLIP ViT-H/14 text tower, GELU, output of the penultimate layer afte
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import sys
+import types
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +22,37 @@ import torch.nn as nn
 SOT, EOT = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
 
 
+def open_clip_module(name: str) -> types.ModuleType:
+    """open_clip.<name> (tokenizer, transformer), loaded without running open_clip/__init__.py if that has not run.
+
+    The package's __init__ imports every model family it knows (CoCa, timm and Hugging Face towers, pretrained
+    tables): about a third of `generate`'s start-up, for two files it needs. A bare placeholder package stands in
+    while the submodule loads; afterwards the placeholder and what loaded under it leave sys.modules again, so a
+    later `import open_clip` is the ordinary, complete import (with its own copies of these classes).
+    """
+    full = f"open_clip.{name}"
+    if "open_clip" in sys.modules:
+        return importlib.import_module(full)
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip is not installed: pip install open_clip_torch")
+    placeholder = types.ModuleType("open_clip")
+    placeholder.__path__ = list(spec.submodule_search_locations)
+    placeholder.__spec__ = spec
+    before = set(sys.modules)
+    sys.modules["open_clip"] = placeholder
+    try:
+        return importlib.import_module(full)
+    finally:
+        for key in set(sys.modules) - before:
+            if key == "open_clip" or key.startswith("open_clip."):
+                del sys.modules[key]
+
+
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer():
     """open_clip's byte-pair tokenizer with the vocabulary bundled in the package (no downloads)."""
-    from open_clip.tokenizer import SimpleTokenizer  # imported on use: open_clip's import costs seconds
-    return SimpleTokenizer()
+    return open_clip_module("tokenizer").SimpleTokenizer()
 
 
 @dataclass(frozen=True)
@@ -53,11 +83,11 @@ class TextEncoder(nn.Module):
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        from open_clip.transformer import LayerNorm, QuickGELU, Transformer  # on use: a slow import
-        act = QuickGELU if cfg.act == "quick_gelu" else nn.GELU
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act_layer=act,
-                                       norm_layer=LayerNorm)
-        self.ln_final = LayerNorm(cfg.width)
+        oc = open_clip_module("transformer")  # on use: a slow import
+        act = oc.QuickGELU if cfg.act == "quick_gelu" else nn.GELU
+        self.transformer = oc.Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act_layer=act,
+                                          norm_layer=oc.LayerNorm)
+        self.ln_final = oc.LayerNorm(cfg.width)
         if cfg.embed_dim:
             self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
             self.logit_scale = nn.Parameter(torch.empty(()))
