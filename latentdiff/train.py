@@ -75,8 +75,8 @@ class TrainConfig:
     init_vae: str | None = None
     train_text_encoder: bool = False  # U-Net stage: train the text encoder with the U-Net instead of freezing it
     loss_weighting: Literal["simple", "min_snr", "vlb"] = "simple"
-    # U-Net stage: draw t with density proportional to (t + 1)^b (t = floor(T * u^(1 / (1 + b))), u uniform), so
-    # b > 0 spends more of the batch at high noise, where the text alone has to decide what is drawn; 0: uniform
+    # U-Net stage: draw t = floor(T * u^(1 / (1 + b))), u uniform, so P(t < k) = (k / T)^(1 + b): b > 0 spends more
+    # of the batch at high noise, where the text alone has to decide what is drawn; 0: uniform
     timestep_bias: float = 0.0
     min_snr_gamma: float = 5.0
     # VAE stage: "decoder" freezes the encoder (and quant_conv), so the latents stay those a U-Net may already be

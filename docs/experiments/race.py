@@ -30,14 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from latentdiff import diffusion
 from latentdiff.checkpoint import Models
 from latentdiff.config import ModelConfig, from_dict, load_yaml
 from latentdiff.evaluate import features, load_reference, nearest_hits, uint8_batch
 from latentdiff.pipeline import Pipeline, image_grid, to_pil
 from latentdiff.schedule import Schedule
 from latentdiff.text_encoder import TextEncoder
-from latentdiff.train import sample_timesteps
+from latentdiff.train import UNetLoss, VAELoss
 from latentdiff.unet import UNetModel
 from latentdiff.vae import AutoencoderKL
 
@@ -73,13 +72,12 @@ def race_vae(out: str, seconds: float, lr: float = 1e-3):
     x_all = load_reference(DATA)[2].float() / 127.5 - 1
     torch.manual_seed(0)
     vae = AutoencoderKL(cfg)
+    vae_loss = VAELoss(vae, kl_weight=1e-6)  # the trainer's VAE-stage loss
     opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     t0, step = time.time(), 0
     while time.time() - t0 < seconds:
-        x = x_all[torch.randint(0, len(x_all), (8,), generator=gen)]
-        rec, posterior = vae(x, gen)
-        loss = (rec - x).abs().flatten(1).sum(1).mean() + 1e-6 * posterior.kl().mean()
+        loss = vae_loss({"pixels": x_all[torch.randint(0, len(x_all), (8,), generator=gen)]}, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -148,18 +146,15 @@ def race_unet(name: str, seconds: float, vae_path: str, opts: dict):
     opt = torch.optim.AdamW([{"params": list(unet.parameters())},
                              {"params": list(text.parameters()), "lr": text_lr}], lr, weight_decay=0.0)
     params = list(unet.parameters()) + list(text.parameters())
-    schedule = Schedule.from_config(cfg.diffusion)
+    # the trainer's U-Net-stage loss: timesteps, noise, targets and MSE exactly as latentdiff.train computes them
+    unet_loss = UNetLoss(Models(cfg, unet, vae, text), Schedule.from_config(cfg.diffusion), True, "simple", 5.0,
+                         float(opts.get("bias", 0)))
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    bias = float(opts.get("bias", 0))
     t0, step, losses = time.time(), 0, []
     while time.time() - t0 < seconds:
         idx = torch.randint(0, n, (bs,), generator=gen)
         caps = [rng.choice(captions[i]) if rng.random() >= 0.1 else "" for i in idx.tolist()]
-        context = text(text.tokenize(caps))
-        t = sample_timesteps(bs, schedule.num_timesteps, bias, gen, "cpu")
-        noise = torch.randn(z[idx].shape, generator=gen)
-        x_t, target = diffusion.training_batch(z[idx], t, noise, schedule, cfg.diffusion.prediction)
-        loss = (unet(x_t, t, context) - target).square().mean()
+        loss = unet_loss({"latents": z[idx], "tokens": text.tokenize(caps)}, gen)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
