@@ -1,16 +1,12 @@
-// Argument checks shared by the CPU and CUDA kernels: one copy, so both devices reject the same mistakes
-// with the same message. Every message names the argument, what was expected, and how to fix it.
+// Argument checks of every op, for CPU and CUDA tensors alike (ops.cpp runs them before any kernel runner),
+// so both devices reject the same mistakes with the same message. Every message names the argument, what was expected, and how to fix it.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include "dispatch.h"
 #include "kernel_types.h"
-
-// The three storage dtypes every kernel supports (float64 is left to the PyTorch path).
-#define LATENTDIFF_DISPATCH(TYPE, NAME, ...)                         \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace latentdiff {
 

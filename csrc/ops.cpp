@@ -1,7 +1,7 @@
 // latentdiff._C: op schemas, the CPU kernels and their registration, and the (empty) Python module.
 //
 // Importing latentdiff._C runs the TORCH_LIBRARY blocks below, which define torch.ops.latentdiff.*;
-// the CUDA kernels register themselves from cuda/ops.cu when the extension is built with CUDA.
+// with CUDA, the same entry points register for CUDA tensors and call the runners in cuda/ops.cu.
 // Every kernel is a single pass over memory: read each input once, write each output once,
 // and compute in float32 whatever the storage dtype (fp32 / fp16 / bf16).
 #include <Python.h>
@@ -37,6 +37,17 @@ CpuKernels<T> cpu_kernels();
 #endif
 
 namespace latentdiff {
+
+#ifdef LATENTDIFF_CUDA
+namespace cuda {  // the kernel runners of cuda/ops.cu, called after every check has passed
+void q_sample_run(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                  const at::Tensor& sqrt_1m_ab, const at::Tensor& xt, const at::Tensor* target, int64_t prediction);
+void sampler_step_run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& d_prev, const at::Tensor& noise,
+                      const at::Tensor& x_in, const StepCoefs& k, bool cfg, const at::Tensor& x_next,
+                      const at::Tensor& denoised);
+}  // namespace cuda
+#endif
+
 namespace {
 
 // Work per thread below which splitting does not pay (64 KiB of fp32 per input).
@@ -95,8 +106,9 @@ std::pair<std::vector<float>, std::vector<float>> row_coefficients(const at::Ten
   return {std::move(a), std::move(s)};
 }
 
-void run_q_sample(const at::Tensor& x0_, const at::Tensor& noise_, const at::Tensor& t, const at::Tensor& sqrt_ab,
-                  const at::Tensor& sqrt_1m_ab, const at::Tensor& xt, const at::Tensor* target, int64_t prediction) {
+void q_sample_run_cpu(const at::Tensor& x0_, const at::Tensor& noise_, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                      const at::Tensor& sqrt_1m_ab, const at::Tensor& xt, const at::Tensor* target,
+                      int64_t prediction) {
   const auto x0 = x0_.contiguous(), noise = noise_.contiguous();
   const auto [a, s] = row_coefficients(t, sqrt_ab, sqrt_1m_ab);
   const int64_t numel = x0.numel();
@@ -119,49 +131,11 @@ void run_q_sample(const at::Tensor& x0_, const at::Tensor& noise_, const at::Ten
   });
 }
 
-at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
-                        const at::Tensor& sqrt_1m_ab) {
-  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
-  auto xt = new_output(x0);
-  run_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, nullptr, 0);
-  return xt;
-}
-
-void q_sample_into_cpu(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
-                       const at::Tensor& sqrt_1m_ab, const at::Tensor& out) {
-  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
-  check_out(out, x0, noise);
-  run_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, out, nullptr, 0);
-}
-
-std::tuple<at::Tensor, at::Tensor> q_sample_target_cpu(const at::Tensor& x0, const at::Tensor& noise,
-                                                       const at::Tensor& t, const at::Tensor& sqrt_ab,
-                                                       const at::Tensor& sqrt_1m_ab, int64_t prediction) {
-  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
-  check_prediction(prediction);
-  auto xt = new_output(x0);
-  auto target = new_output(x0);
-  run_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, &target, prediction);
-  return {xt, target};
-}
-
-std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_, const at::Tensor& out_,
-                                                    const std::optional<at::Tensor>& d_prev_,
-                                                    const std::optional<at::Tensor>& noise_,
-                                                    const std::optional<at::Tensor>& x_in_, double p, double q,
-                                                    double guidance, bool cfg, double a, double b, double c, double d,
-                                                    double clamp) {
-  check_sampler_step(x_, out_, d_prev_, noise_, x_in_, cfg);
-  const StepCoefs k = step_coefs(p, q, guidance, a, b, c, d, clamp);
-  const auto x = x_.contiguous(), out = out_.contiguous();
-  // Inputs whose coefficient is zero are not read, as in the reference (which skips those terms).
-  const auto d_prev = (d_prev_ && c != 0) ? d_prev_->contiguous() : at::Tensor();
-  const auto noise = (noise_ && d != 0) ? noise_->contiguous() : at::Tensor();
-  const auto x_in = x_in_ ? x_in_->contiguous() : at::Tensor();
-  auto x_next = new_output(x);
-  auto denoised = new_output(x);
+void sampler_step_run_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& d_prev,
+                          const at::Tensor& noise, const at::Tensor& x_in, const StepCoefs& k, bool cfg,
+                          const at::Tensor& x_next, const at::Tensor& denoised) {
   const int64_t numel = x.numel();
-  if (numel == 0) return {x_next, denoised};
+  if (numel == 0) return;
   LATENTDIFF_DISPATCH(x.scalar_type(), "sampler_step_cpu", [&] {
     using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
@@ -180,6 +154,70 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_, const 
       span(xp + begin, op + begin, at_(kp), at_(dp), at_(np), at_(ip), xn + begin, dn + begin, k, end - begin);
     });
   });
+}
+
+
+// Each op has one entry point for both devices, here in the host compiler's file: every check (and so every
+// exception a user's mistake raises) runs before the device's kernel runner is called, and the CUDA runners in
+// cuda/ops.cu throw only if a launch itself fails. A C++ exception then never starts in nvcc-compiled code.
+void q_sample_run(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                  const at::Tensor& sqrt_1m_ab, const at::Tensor& xt, const at::Tensor* target, int64_t prediction) {
+#ifdef LATENTDIFF_CUDA
+  if (x0.is_cuda()) return cuda::q_sample_run(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, target, prediction);
+#endif
+  q_sample_run_cpu(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, target, prediction);
+}
+
+at::Tensor new_output_like(const at::Tensor& x) { return x.is_cuda() ? at::empty(x.sizes(), x.options()) : new_output(x); }
+
+at::Tensor q_sample(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                    const at::Tensor& sqrt_1m_ab) {
+  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
+  auto xt = new_output_like(x0);
+  q_sample_run(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, nullptr, 0);
+  return xt;
+}
+
+void q_sample_into(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                   const at::Tensor& sqrt_1m_ab, const at::Tensor& out) {
+  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
+  check_out(out, x0, noise);
+  q_sample_run(x0, noise, t, sqrt_ab, sqrt_1m_ab, out, nullptr, 0);
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_target(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
+                                                   const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1m_ab,
+                                                   int64_t prediction) {
+  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
+  check_prediction(prediction);
+  auto xt = new_output_like(x0);
+  auto target = new_output_like(x0);
+  q_sample_run(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, &target, prediction);
+  return {xt, target};
+}
+
+std::tuple<at::Tensor, at::Tensor> sampler_step(const at::Tensor& x_, const at::Tensor& out_,
+                                                const std::optional<at::Tensor>& d_prev_,
+                                                const std::optional<at::Tensor>& noise_,
+                                                const std::optional<at::Tensor>& x_in_, double p, double q,
+                                                double guidance, bool cfg, double a, double b, double c, double d,
+                                                double clamp) {
+  check_sampler_step(x_, out_, d_prev_, noise_, x_in_, cfg);
+  const StepCoefs k = step_coefs(p, q, guidance, a, b, c, d, clamp);
+  const auto x = x_.contiguous(), out = out_.contiguous();
+  // Inputs whose coefficient is zero are not read, as in the reference (which skips those terms).
+  const auto d_prev = (d_prev_ && c != 0) ? d_prev_->contiguous() : at::Tensor();
+  const auto noise = (noise_ && d != 0) ? noise_->contiguous() : at::Tensor();
+  const auto x_in = x_in_ ? x_in_->contiguous() : at::Tensor();
+  auto x_next = new_output_like(x);
+  auto denoised = new_output_like(x);
+#ifdef LATENTDIFF_CUDA
+  if (x.is_cuda()) {
+    cuda::sampler_step_run(x, out, d_prev, noise, x_in, k, cfg, x_next, denoised);
+    return {x_next, denoised};
+  }
+#endif
+  sampler_step_run_cpu(x, out, d_prev, noise, x_in, k, cfg, x_next, denoised);
   return {x_next, denoised};
 }
 
@@ -197,11 +235,20 @@ TORCH_LIBRARY(latentdiff, m) {
 }
 
 TORCH_LIBRARY_IMPL(latentdiff, CPU, m) {
-  m.impl("q_sample", &q_sample_cpu);
-  m.impl("q_sample_into", &q_sample_into_cpu);
-  m.impl("q_sample_target", &q_sample_target_cpu);
-  m.impl("sampler_step", &sampler_step_cpu);
+  m.impl("q_sample", &q_sample);
+  m.impl("q_sample_into", &q_sample_into);
+  m.impl("q_sample_target", &q_sample_target);
+  m.impl("sampler_step", &sampler_step);
 }
+
+#ifdef LATENTDIFF_CUDA
+TORCH_LIBRARY_IMPL(latentdiff, CUDA, m) {
+  m.impl("q_sample", &q_sample);
+  m.impl("q_sample_into", &q_sample_into);
+  m.impl("q_sample_target", &q_sample_target);
+  m.impl("sampler_step", &sampler_step);
+}
+#endif
 
 }  // namespace latentdiff
 

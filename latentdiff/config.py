@@ -40,6 +40,8 @@ def _coerce(tp, value, where: str):
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and ("no" if value is False else "yes") in typing.get_args(tp):
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare no / yes as a boolean
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value

@@ -241,6 +241,8 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number (got {args.guidance})")
+    if "strength" in given and not args.init_image:
+        raise UsageError("--strength only applies to image-to-image: add --init-image FILE, or drop --strength")
     init_image = None
     if args.init_image:
         try:
@@ -268,7 +270,7 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         config = load_model_config(args.config) if args.config else None
         pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype, config=config,
                                         prediction=args.prediction, ema=args.ema, compile=args.compile)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, ValueError) as e:
         raise UsageError(str(e)) from None
     except RuntimeError as e:
         if "device" in str(e).lower() or "cuda" in str(e).lower():
@@ -281,7 +283,8 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
                     height=args.height or pipe.config.image_size, width=args.width or pipe.config.image_size)
     try:
         pipe.check(steps=settings["steps"], height=settings["height"], width=settings["width"],
-                   guidance=settings["guidance"], strength=args.strength if init_image else None)
+                   guidance=settings["guidance"], strength=args.strength if init_image else None,
+                   seed=seed, count=n_total)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -39,6 +39,45 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return names[dtype]
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
+
+def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """Run the model's op kinds once on tiny tensors, so an unsupported dtype fails in one line before any loading."""
+    if dtype == torch.float32:
+        return
+    try:
+        x = torch.ones(1, 8, 4, 4, device=device, dtype=dtype)
+        w = torch.ones(8, 8, 3, 3, device=device, dtype=dtype)
+        h = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, w, padding=1), 4)
+        q = h.flatten(2).transpose(1, 2)[:, None]  # (1, 1, 16, 8)
+        torch.nn.functional.layer_norm(torch.nn.functional.scaled_dot_product_attention(q, q, q), (8,))
+    except (RuntimeError, NotImplementedError) as e:
+        raise ValueError(f"{DTYPE_NAMES[dtype]} is not supported on {device} ({str(e).splitlines()[0][:120]}); "
+                         f"use --dtype fp32") from None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on the device: free + cached on CUDA, MemAvailable on Linux; else None."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 class UNetDenoiser:
     """The U-Net seen as a k-diffusion denoiser: `model(x, sigma)` returns the raw network output and
     `coefs(sigma)` turns it into the denoised estimate D = p*x + q*out (see docs/internals.md).
@@ -115,6 +154,7 @@ class Pipeline:
     def __init__(self, models: Models, device: str | torch.device = "auto", dtype=None, compile: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        check_dtype(self.device, self.dtype)
         self.config: ModelConfig = models.config
         self.unet = models.unet.to(self.device, self.dtype).eval()
         self.vae = models.vae.to(self.device, self.dtype).eval()
@@ -131,6 +171,7 @@ class Pipeline:
                         compile: bool = False, config: ModelConfig | None = None) -> "Pipeline":
         """SD 1.x / 2.x single-file checkpoints and latentdiff checkpoints (config: override the detected one)."""
         dev = pick_device(device)
+        check_dtype(dev, pick_dtype(dev, dtype))
         models = load_models(path, device=dev, dtype=pick_dtype(dev, dtype), prediction=prediction, ema=ema,
                              config=config)
         pipe = cls(models, dev, dtype, compile=compile)
@@ -170,18 +211,59 @@ class Pipeline:
         return UNetDenoiser(self.unet, self.schedule, self.config.diffusion.prediction, context,
                             guidance if guidance != 1.0 else None, guidance_rescale, self.dtype)
 
-    def check(self, *, steps: int, height: int, width: int, guidance: float, strength: float | None = None):
+    def image_bytes(self, height: int, width: int, guidance: float) -> int:
+        """Peak activation memory one image needs, an upper estimate: the U-Net's (twice with CFG), then the VAE's.
+
+        U-Net: every skip connection lives until its output block, beside a dozen channel-widths of the widest
+        level being computed (GEGLU's 8x inner width and its product). VAE decoder: four tensors of the widest
+        channel count at each resolution. Attention is counted as linear in the tokens: SDPA's flash and
+        memory-efficient kernels never form the full score matrix.
+        """
+        size = torch.finfo(self.dtype).bits // 8
+        u, v = self.config.unet, self.config.vae
+        f = self.vae.latent_factor
+        h, w = -(-height // f), -(-width // f)
+        skips, widest = u.model_channels * h * w, 0
+        for level, mult in enumerate(u.channel_mult):
+            n, c = (-(-h // 2**level)) * (-(-w // 2**level)), mult * u.model_channels
+            skips += u.num_res_blocks * c * n + (c * n // 4 if level < len(u.channel_mult) - 1 else 0)
+            widest = max(widest, c * n)
+        unet = (1 if guidance == 1.0 else 2) * (skips + 12 * widest)
+        vae = 0
+        for level, mult in enumerate(v.ch_mult):
+            n = (-(-height // 2**level)) * (-(-width // 2**level))
+            c = v.ch * max(v.ch_mult[level:level + 2])  # the level's own width and what the level above brings up
+            vae = max(vae, 4 * c * n)
+        latents = 4 * u.in_channels * h * w * 4  # x, the denoised estimate, noise and the step's output, float32
+        return max(unet, vae) * size + latents
+
+    def max_batch(self, height: int, width: int, guidance: float) -> int:
+        """How many images one pass may hold at once; refuses a size no batch fits, naming both numbers."""
+        need, have = self.image_bytes(height, width, guidance), available_memory(self.device)
+        if have is None:
+            return 1 << 30
+        if need > have:
+            raise ValueError(f"a {width}x{height} image needs about {gib(need)} of activations but {self.device} has "
+                             f"{gib(have)} available; choose a smaller --width/--height")
+        return max(1, int(0.7 * have) // need)
+
+    def check(self, *, steps: int, height: int, width: int, guidance: float, strength: float | None = None,
+              seed: int = 0, count: int = 1):
         """Reject bad settings up front with a message that says how to fix them."""
         m = self.size_multiple
         if height % m or width % m or height <= 0 or width <= 0:
             raise ValueError(f"width and height must be positive multiples of {m} for this model "
                              f"(got {width}x{height}); try {max(m, round(width / m) * m)}x{max(m, round(height / m) * m)}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {steps})")
+        if not 1 <= steps <= self.schedule.num_timesteps:
+            raise ValueError(f"steps must be between 1 and {self.schedule.num_timesteps} for this model (got {steps})")
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite number (got {guidance})")
         if strength is not None and not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1] (got {strength})")
+        if not 0 <= seed or seed + count - 1 > MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED - count + 1} for {count} image(s), one seed each "
+                             f"(got {seed})")
+        self.max_batch(height, width, guidance)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int | None = None,
@@ -198,9 +280,6 @@ class Pipeline:
         spec = get_sampler(d.sampler if sampler is None else sampler)
         height = height or self.config.image_size
         width = width or self.config.image_size
-        self.check(steps=steps, height=height, width=width, guidance=guidance,
-                   strength=strength if init_image is not None else None)
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images)]
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * (len(prompts) // num_images)
@@ -208,22 +287,43 @@ class Pipeline:
         if len(negs) != len(prompts):
             raise ValueError(f"got {len(negs) // num_images} negative prompts for {len(prompts) // num_images} prompts")
         B = len(prompts)
+        self.check(steps=steps, height=height, width=width, guidance=guidance,
+                   strength=strength if init_image is not None else None, seed=seed, count=B)
         seeds = [seed + i for i in range(B)]
         if generators is None:
             generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        noise = NoiseSampler(generators)
-
-        denoiser = self.denoiser(prompts, negs, guidance, guidance_rescale, clip_skip)
-
-        sigmas = spec.sigmas(self.schedule, steps)
         shape = (B, self.config.unet.in_channels, height // self.vae.latent_factor, width // self.vae.latent_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+
+        # Images are independent (one generator each), so a batch too large for the device runs in chunks
+        # and gives the same images.
+        chunk = self.max_batch(height, width, guidance)
+        settings = dict(spec=spec, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
+                        size=(width, height), init_image=init_image, strength=strength, clip_skip=clip_skip,
+                        callback=callback, trajectory=trajectory, progress=progress, backend=backend)
+        images, finals, traj = [], [], []
+        for i in range(0, B, chunk):
+            j = min(B, i + chunk)
+            out = self._sample(prompts[i:j], negs[i:j], generators[i:j], None if latents is None else latents[i:j],
+                               (j - i,) + shape[1:], **settings)
+            images += out[0]
+            finals.append(out[1])
+            traj += out[2]
+        return Result(images, seeds, prompts, torch.cat(finals) if return_latents else None, traj)
+
+    def _sample(self, prompts, negs, generators, latents, shape, *, spec, steps, guidance, guidance_rescale, size,
+                init_image, strength, clip_skip, callback, trajectory, progress, backend):
+        """One batch that fits the device: (PIL images, final latents, per-image trajectories)."""
+        noise = NoiseSampler(generators)
+        denoiser = self.denoiser(prompts, negs, guidance, guidance_rescale, clip_skip)
+        sigmas = spec.sigmas(self.schedule, steps)
+        B = shape[0]
         with ops.use_backend(backend):
             if init_image is not None:
-                x, sigmas = self._init_from_image(init_image, (width, height), sigmas, strength, noise, shape)
+                x, sigmas = self._init_from_image(init_image, size, sigmas, strength, noise, shape)
             else:
                 # `latents` are the starting noise (unit variance), as in diffusers; scaled to the first sigma here.
-                if latents is not None and tuple(latents.shape) != shape:
-                    raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
                 start = noise(torch.empty(shape, device=self.device)) if latents is None else latents.to(self.device, torch.float32)
                 x = start * math.sqrt(1.0 + float(sigmas[0]) ** 2)
 
@@ -241,7 +341,7 @@ class Pipeline:
         if trajectory:
             frames = [to_pil(self.decode(dn)) for dn in track]  # per step, a list over the batch
             traj = [[f[i] for f in frames] for i in range(B)]
-        return Result(images, seeds, prompts, x if return_latents else None, traj)
+        return images, x, traj
 
     def _init_from_image(self, image, size, sigmas, strength, noise, shape):
         """img2img: encode, q-sample to the start step with the fused forward op; returns (x, sigmas left).

@@ -27,10 +27,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32: fp16 statistics over large feature maps overflow."""
+    """GroupNorm in the input's dtype, with mean and variance accumulated in float32."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        # ldm upcast x to float32 because fp16 sums over large maps overflow; ATen's group_norm kernels (CPU and
+        # CUDA) already accumulate fp16/bf16 inputs in float32, so only the parameters need the input's dtype:
+        # an fp16 model then runs as one, and under autocast group_norm is computed in float32 anyway.
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class ResBlock(nn.Module):

@@ -66,3 +66,10 @@ def test_yaml_files_and_presets(tmp_path):
     for p in presets:
         if "model" in load_yaml(p):
             load_model_config(p)
+
+
+def test_bare_no_in_yaml_is_the_string_choice_not_a_boolean(tmp_path):
+    """YAML 1.1 reads `no` as False: `--train.mixed_precision=no` must still select "no"."""
+    from latentdiff.train import TrainConfig
+    cfg = from_dict(TrainConfig, parse_overrides(["--mixed_precision=no"]), "train")
+    assert cfg.mixed_precision == "no"

@@ -9,7 +9,6 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -18,9 +17,10 @@
 #include <optional>
 #include <tuple>
 
-#include "../checks.h"
+#include "../dispatch.h"
+#include "../kernel_types.h"
 
-namespace latentdiff {
+namespace latentdiff::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -69,11 +69,12 @@ inline int64_t blocks_for(int64_t work, int64_t cap) {
 // q_sample (Ho et al. 2020, eq. 4) and the training target (Salimans & Ho 2022 for v).
 // blockIdx.y walks batch rows, so the schedule gather happens once per row and a pack never straddles rows.
 
+// x0, eps and xt carry no __restrict__: q_sample_into may write x_t over x0 or eps (an exact overlap, which
+// check_out allows). Each element is read before it is written, by the same thread, so that aliasing is safe.
 template <typename T, int V>
-__global__ void q_sample_kernel(const T* __restrict__ x0, const T* __restrict__ eps, const int64_t* __restrict__ t,
+__global__ void q_sample_kernel(const T* x0, const T* eps, const int64_t* __restrict__ t,
                                 const float* __restrict__ sqrt_ab, const float* __restrict__ sqrt_1m_ab, int64_t steps,
-                                T* __restrict__ xt, T* __restrict__ target, int prediction, int64_t rows,
-                                int64_t inner) {
+                                T* xt, T* __restrict__ target, int prediction, int64_t rows, int64_t inner) {
   const int64_t packs = inner / V;  // V > 1 only when inner is a multiple of V
   for (int64_t b = blockIdx.y; b < rows; b += gridDim.y) {
     const int64_t tb = t[b];
@@ -95,7 +96,11 @@ __global__ void q_sample_kernel(const T* __restrict__ x0, const T* __restrict__ 
   }
 }
 
-void run_q_sample(const at::Tensor& x0_, const at::Tensor& noise_, const at::Tensor& t_, const at::Tensor& sqrt_ab_,
+}  // namespace
+
+// The runners: called by ops.cpp once every argument has been checked there, so nothing here throws for a
+// user's mistake (only a failed launch raises, through C10_CUDA_KERNEL_LAUNCH_CHECK).
+void q_sample_run(const at::Tensor& x0_, const at::Tensor& noise_, const at::Tensor& t_, const at::Tensor& sqrt_ab_,
                   const at::Tensor& sqrt_1m_ab_, const at::Tensor& xt, const at::Tensor* target, int64_t prediction) {
   const c10::cuda::CUDAGuard guard(x0_.device());
   const auto x0 = x0_.contiguous(), noise = noise_.contiguous(), t = t_.contiguous();
@@ -131,31 +136,7 @@ void run_q_sample(const at::Tensor& x0_, const at::Tensor& noise_, const at::Ten
   });
 }
 
-at::Tensor q_sample_cuda(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
-                         const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1m_ab) {
-  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
-  auto xt = at::empty(x0.sizes(), x0.options());
-  run_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, nullptr, 0);
-  return xt;
-}
-
-void q_sample_into_cuda(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
-                        const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1m_ab, const at::Tensor& out) {
-  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
-  check_out(out, x0, noise);
-  run_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, out, nullptr, 0);
-}
-
-std::tuple<at::Tensor, at::Tensor> q_sample_target_cuda(const at::Tensor& x0, const at::Tensor& noise,
-                                                        const at::Tensor& t, const at::Tensor& sqrt_ab,
-                                                        const at::Tensor& sqrt_1m_ab, int64_t prediction) {
-  check_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab);
-  check_prediction(prediction);
-  auto xt = at::empty(x0.sizes(), x0.options());
-  auto target = at::empty(x0.sizes(), x0.options());
-  run_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, &target, prediction);
-  return {xt, target};
-}
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // sampler_step: g = u + s (k - u) (Ho & Salimans 2022, eq. 6); D = clamp(p x_in + q g);
@@ -207,23 +188,14 @@ __global__ void sampler_step_kernel(const T* __restrict__ x, const T* __restrict
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x_, const at::Tensor& out_,
-                                                     const std::optional<at::Tensor>& d_prev_,
-                                                     const std::optional<at::Tensor>& noise_,
-                                                     const std::optional<at::Tensor>& x_in_, double p, double q,
-                                                     double guidance, bool cfg, double a, double b, double c,
-                                                     double d, double clamp) {
-  check_sampler_step(x_, out_, d_prev_, noise_, x_in_, cfg);
-  const c10::cuda::CUDAGuard guard(x_.device());
-  const StepCoefs k = step_coefs(p, q, guidance, a, b, c, d, clamp);
-  const auto x = x_.contiguous(), out = out_.contiguous();
-  const auto d_prev = (d_prev_ && c != 0) ? d_prev_->contiguous() : at::Tensor();
-  const auto noise = (noise_ && d != 0) ? noise_->contiguous() : at::Tensor();
-  const auto x_in = x_in_ ? x_in_->contiguous() : at::Tensor();
-  auto x_next = at::empty(x.sizes(), x.options());
-  auto denoised = at::empty(x.sizes(), x.options());
+}  // namespace
+
+void sampler_step_run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& d_prev, const at::Tensor& noise,
+                      const at::Tensor& x_in, const StepCoefs& k, bool cfg, const at::Tensor& x_next,
+                      const at::Tensor& denoised) {
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
-  if (n == 0) return {x_next, denoised};
+  if (n == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   LATENTDIFF_DISPATCH(x.scalar_type(), "sampler_step_cuda", [&] {
     using T = scalar_t;
@@ -250,16 +222,6 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x_, const
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {x_next, denoised};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(latentdiff, CUDA, m) {
-  m.impl("q_sample", &q_sample_cuda);
-  m.impl("q_sample_into", &q_sample_into_cuda);
-  m.impl("q_sample_target", &q_sample_target_cuda);
-  m.impl("sampler_step", &sampler_step_cuda);
-}
-
-}  // namespace latentdiff
+}  // namespace latentdiff::cuda
