@@ -246,10 +246,11 @@ def detect_config(state: dict[str, torch.Tensor], metadata: dict[str, str], pred
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{name}: the stored latentdiff config is invalid ({_first_line(e)})") from None
     else:
-        if any(k.startswith(SDXL_REFINER_PREFIX) for k in state) and not any(k.startswith(SDXL_G_PREFIX) for k in state):
+        sdxl_g = any(k.startswith(SDXL_G_PREFIX) for k in state)
+        if not sdxl_g and any(k.startswith(SDXL_REFINER_PREFIX) for k in state):
             raise CheckpointError(f"{name} is an SDXL refiner (one bigG text encoder, aesthetic-score conditioning), "
                                   "which is not supported; use an SDXL base checkpoint")
-        if any(k.startswith(SDXL_G_PREFIX) for k in state):
+        if sdxl_g:
             preset = "sdxl-base"
         elif any(k.startswith(TEXT_PREFIX) for k in state):
             preset = "sd21-v" if prediction == "v_prediction" else "sd21-base"

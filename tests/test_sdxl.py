@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from latentdiff.checkpoint import (SDXL_G_PREFIX, SDXL_L_PREFIX, CheckpointError, _meta_models, build_models,
-                                   detect_config, state_dict_for)
+                                   detect_config, load_file, load_models, save_models, state_dict_for)
 from latentdiff.config import load_model_config
 from latentdiff.pipeline import Pipeline
 from latentdiff.text_encoder import EOT, DualTextEncoder, TextConfig, bpe_tokenizer
@@ -291,3 +291,13 @@ def test_sdxl_layout_file_end_to_end(small, capsys):
     # Without --config the keys say SDXL: the full-size preset is built, and the sizes cannot match.
     rc, io = run("a cat", "--checkpoint", path, "--steps", 1, "-o", d)
     assert rc == 2 and "sdxl-base" in io.err and "mis-shaped" in io.err and len(io.err.strip().splitlines()) == 1
+
+    # Our own files keep the official layout (readable by other SDXL tools) and add the config.
+    ours = d / "ours.safetensors"
+    save_models(ours, cfg, models.unet, models.vae, models.text)
+    back, metadata = load_file(ours)
+    assert back.keys() == state.keys() - {SDXL_L_PREFIX + "text_model.embeddings.position_ids"}
+    assert json.loads(metadata["latentdiff_config"])["text2"]["width"] == 32
+    loaded = load_models(ours)  # the config from the metadata, no --config
+    got, want = loaded.text.state_dict(), models.text.state_dict()
+    assert loaded.config == cfg and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
