@@ -13,7 +13,7 @@ from latentdiff.checkpoint import (SDXL_G_PREFIX, SDXL_L_PREFIX, CheckpointError
                                    detect_config, load_file, load_models, save_models, state_dict_for)
 from latentdiff.config import load_model_config
 from latentdiff.pipeline import Pipeline
-from latentdiff.text_encoder import EOT, DualTextEncoder, TextConfig, bpe_tokenizer
+from latentdiff.text_encoder import EOT, DualTextEncoder, bpe_tokenizer
 from latentdiff.unet import UNetConfig, UNetModel, micro_conditioning
 
 ROOT = Path(__file__).resolve().parent.parent
