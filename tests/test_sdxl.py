@@ -188,12 +188,10 @@ def test_unet_matches_diffusers_text_time():
         ours(x, t, ctx)
 
 
-def test_text_encoders_match_transformers_hidden_and_pooled(small):
+def hf_text_encoders(file):
+    """transformers' two SDXL text encoders (the SMALL sizes) loaded from a file by diffusers' converters."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    _, cfg, models = small
-    text = models.text.eval()
-    file = state_dict_for(models)
     hf_l = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                                         num_attention_heads=2, hidden_act="quick_gelu")).eval()
     hf_l.load_state_dict(hf_keys(convert_ldm_clip_checkpoint(file), hf_l), strict=True)
@@ -201,6 +199,13 @@ def test_text_encoders_match_transformers_hidden_and_pooled(small):
                                                       num_attention_heads=2, projection_dim=32,
                                                       hidden_act="gelu")).eval()
     hf_g.load_state_dict(convert_open_clip_checkpoint(hf_g, file, prefix=SDXL_G_PREFIX), strict=True)
+    return hf_l, hf_g
+
+
+def test_text_encoders_match_transformers_hidden_and_pooled(small):
+    _, cfg, models = small
+    text = models.text.eval()
+    hf_l, hf_g = hf_text_encoders(state_dict_for(models))
     tl, tg = text.clip_l.tokenize(PROMPTS), text.clip_g.tokenize(PROMPTS)
     with torch.no_grad():
         ref_l = hf_l(input_ids=tl, output_hidden_states=True).hidden_states[-2]  # no final LayerNorm
@@ -245,6 +250,47 @@ def test_tokenization_pads_clip_l_with_end_token_and_bigg_with_zero(small, bpe_f
 
 
 # ---- the pipeline and generate --------------------------------------------------------------------
+
+def test_conditioned_unet_matches_diffusers_sdxl_pipeline(small, bpe_files):
+    """Context, pooled text, size ids and the empty-negative zeros as StableDiffusionXLPipeline makes them, through
+    the same U-Net: our denoiser's conditioning gives diffusers' output."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from transformers import CLIPTokenizer
+    _, cfg, models = small
+    file = state_dict_for(models)
+    params = dataclasses.asdict(cfg.unet) | {"num_classes": "sequential", "transformer_depth": [0, 1, 2]}
+    del params["num_heads"]
+    original = {"model": {"params": {"network_config": {"params": params},
+                                     "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 2]}}}}}}
+    ucfg = create_unet_diffusers_config_from_ldm(original, file)
+    # diffusers infers text_time only for SDXL's context widths (2048, 1280); this small model has 96.
+    ucfg.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None, norm_num_groups=8)
+    d_unet = UNet2DConditionModel(**ucfg).eval()
+    d_unet.load_state_dict(convert_ldm_unet_checkpoint(file, ucfg), strict=True)
+    hf_l, hf_g = hf_text_encoders(file)
+    ref = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(block_out_channels=(8,), norm_num_groups=8), text_encoder=hf_l, text_encoder_2=hf_g,
+        tokenizer=CLIPTokenizer(*bpe_files, pad_token="<|endoftext|>", model_max_length=77),
+        tokenizer_2=CLIPTokenizer(*bpe_files, pad_token="!", model_max_length=77), unet=d_unet,
+        scheduler=EulerDiscreteScheduler(), add_watermarker=False)
+    pipe = Pipeline(models, device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 12), torch.tensor([700.0, 700.0])
+    for negative in (None, "an ugly dog"):
+        with torch.no_grad():
+            cond, uncond, pooled, pooled_uncond = ref.encode_prompt(
+                "a cat on a hill", device="cpu", do_classifier_free_guidance=True, negative_prompt=negative)
+            time_ids = ref._get_add_time_ids((64, 96), (0, 0), (64, 96), dtype=torch.float32,
+                                             text_encoder_projection_dim=32)
+            want = d_unet(x, t, encoder_hidden_states=torch.cat([uncond, cond]),
+                          added_cond_kwargs={"text_embeds": torch.cat([pooled_uncond, pooled]),
+                                             "time_ids": time_ids.repeat(2, 1)}).sample
+            den = pipe.denoiser(["a cat on a hill"], [negative or ""], 5.0, size=(64, 96))
+            got = pipe.unet(x, t, den.context, den.y)
+        assert (den.context - torch.cat([uncond, cond])).abs().max().item() <= 1e-4
+        assert want.abs().mean() > 0.1 and (got - want).abs().max().item() <= 1e-4
+
 
 def test_pipeline_micro_conditioning_zero_negative_and_fp32_vae(small):
     from diffusers.models.embeddings import Timesteps
