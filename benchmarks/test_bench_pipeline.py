@@ -1,8 +1,9 @@
 """Pipeline speed: U-Net iterations/s, seconds per image end to end and peak memory, ours beside diffusers'
 UNet2DConditionModel and its scheduler loop on the same weights, in the same run.
 
-CPU: the tiny config (64x64). GPU (when present): the SD 2.1-base architecture at 512x512 fp16 with CFG,
-random weights (speed does not depend on weight values). Targets are reported, not asserted; the only
+CPU: the tiny config (64x64). GPU (when present): the SD 2.1-base architecture at 512x512 fp16 with CFG, and
+SDXL base at 1024x1024 fp16 with CFG (VAE in fp32 on both sides, as diffusers' force_upcast), random weights
+(speed does not depend on weight values). Targets are reported, not asserted; the only
 assertion is a floor that cannot flake.
 """
 import json
@@ -17,6 +18,7 @@ import torch.utils.benchmark as tb
 from latentdiff.checkpoint import build_models
 from latentdiff.config import CONFIG_DIR, load_model_config
 from latentdiff.pipeline import Pipeline
+from latentdiff.unet import micro_conditioning
 
 RESULTS = Path(os.environ.get("LATENTDIFF_BENCH_DIR", Path(__file__).parent / "results"))
 
@@ -29,10 +31,13 @@ def diffusers_pair(models, dtype, device):
                                                      create_vae_diffusers_config_from_ldm)
     cfg = models.config
     u = cfg.unet
+    depth = u.transformer_depth if isinstance(u.transformer_depth, int) else list(u.transformer_depth)
     params = dict(in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
                   channel_mult=list(u.channel_mult), num_res_blocks=u.num_res_blocks,
-                  attention_resolutions=list(u.attention_resolutions), transformer_depth=u.transformer_depth,
+                  attention_resolutions=list(u.attention_resolutions), transformer_depth=depth,
                   context_dim=u.context_dim, use_linear_in_transformer=u.use_linear_in_transformer)
+    if u.adm_in_channels:  # SDXL: diffusers infers addition_embed_type="text_time" from this and context_dim 2048
+        params.update(num_classes="sequential", adm_in_channels=u.adm_in_channels)
     params.update(num_heads=u.num_heads) if u.num_head_channels == -1 else params.update(num_head_channels=u.num_head_channels)
     v = cfg.vae
     dd = dict(ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks, in_channels=v.in_channels,
@@ -44,26 +49,27 @@ def diffusers_pair(models, dtype, device):
     ckpt = {"model.diffusion_model." + k: t for k, t in models.unet.state_dict().items()}
     ckpt.update({"first_stage_model." + k: t for k, t in models.vae.state_dict().items()})
     ucfg = create_unet_diffusers_config_from_ldm(original, ckpt, image_size=cfg.image_size // models.vae.latent_factor)
-    unet = UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True)
     vcfg = create_vae_diffusers_config_from_ldm(original, ckpt, image_size=cfg.image_size)
     vcfg["norm_num_groups"] = v.norm_groups
-    vae = AutoencoderKL(**vcfg)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True)
+    with torch.device("meta"):  # built empty, then given our tensors: no second initialisation of 2.6B weights
+        unet, vae = UNet2DConditionModel(**ucfg), AutoencoderKL(**vcfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True, assign=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True, assign=True)
     d = cfg.diffusion
     sched = DPMSolverMultistepScheduler(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
                                         beta_end=d.beta_end, beta_schedule=d.beta_schedule, use_karras_sigmas=True,
                                         final_sigmas_type="zero", prediction_type=d.prediction)
-    return unet.to(device, dtype).eval(), vae.to(device, dtype).eval(), sched
+    vae_dtype = torch.float32 if v.force_upcast and dtype == torch.float16 else dtype
+    return unet.to(device, dtype).eval(), vae.to(device, vae_dtype).eval(), sched
 
 
-def timeit(fn, device, min_run_time=1.0):
+def timeit(fn, device, min_run_time=1.0, samples=10):
     """Median seconds per call: torch.utils.benchmark on CPU, CUDA events on GPU (both after warm-up)."""
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         times = []
-        for _ in range(10):
+        for _ in range(samples):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
@@ -84,9 +90,10 @@ def peak_memory(fn, device):
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def run_case(name, config, device, dtype, steps=20, size=None):
+def run_case(name, config, device, dtype, steps=20, size=None, build_on=None, image_samples=10):
+    """build_on: where the random weights are made (SDXL's 3.5B are made on the GPU, in `dtype`, in seconds)."""
     torch.manual_seed(0)
-    models = build_models(config)
+    models = build_models(config) if build_on is None else build_models(config, device=build_on, dtype=dtype)
     with torch.no_grad():  # non-zero weights everywhere, as a trained model has
         for m in (models.unet, models.vae, models.text):
             for p in m.parameters():
@@ -97,10 +104,20 @@ def run_case(name, config, device, dtype, steps=20, size=None):
     f = models.vae.latent_factor
     x = torch.randn(2, config.unet.in_channels, size // f, size // f, device=device, dtype=dtype)  # CFG batch of 1
     t = torch.full((2,), 500.0, device=device)
-    ctx = pipe.encode_prompts(["a cat"], [""]).to(dtype)
+
+    def condition():
+        """Our text encoders for both sides; SDXL adds the pooled text and the size micro-conditioning."""
+        ctx, pooled = pipe.encode_prompts_pooled(["a cat"], [""])
+        if pooled is None:
+            return ctx.to(dtype), (), {}
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=torch.float32)
+        y = micro_conditioning(pooled, time_ids).to(dtype)
+        return ctx.to(dtype), (y,), {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids}}
+
+    ctx, ours_extra, theirs_extra = condition()
     with torch.no_grad():
-        ours_unet = timeit(lambda: pipe.unet(x, t, ctx), device)
-        theirs_unet = timeit(lambda: d_unet(x, t, encoder_hidden_states=ctx).sample, device)
+        ours_unet = timeit(lambda: pipe.unet(x, t, ctx, *ours_extra), device)
+        theirs_unet = timeit(lambda: d_unet(x, t, encoder_hidden_states=ctx, **theirs_extra).sample, device)
 
     def ours_image():
         pipe("a cat", steps=steps, sampler="DPM++ 2M Karras", guidance=7.5, width=size, height=size, progress=False)
@@ -110,15 +127,15 @@ def run_case(name, config, device, dtype, steps=20, size=None):
         d_sched.set_timesteps(steps, device=device)
         lat = torch.randn(1, config.unet.in_channels, size // f, size // f, device=device, dtype=dtype)
         lat = lat * d_sched.init_noise_sigma
-        c = pipe.encode_prompts(["a cat"], [""]).to(dtype)
+        c, _, extra = condition()
         for ts in d_sched.timesteps:
             inp = d_sched.scale_model_input(torch.cat([lat] * 2), ts)
-            u, k = d_unet(inp, ts, encoder_hidden_states=c).sample.chunk(2)
+            u, k = d_unet(inp, ts, encoder_hidden_states=c, **extra).sample.chunk(2)
             lat = d_sched.step(u + 7.5 * (k - u), ts, lat).prev_sample
-        d_vae.decode(lat / config.vae.scale_factor).sample
+        d_vae.decode((lat / config.vae.scale_factor).to(d_vae.dtype)).sample
 
-    ours_s = timeit(ours_image, device, min_run_time=2.0)
-    theirs_s = timeit(diffusers_image, device, min_run_time=2.0)
+    ours_s = timeit(ours_image, device, min_run_time=2.0, samples=image_samples)
+    theirs_s = timeit(diffusers_image, device, min_run_time=2.0, samples=image_samples)
     row = dict(case=name, device=str(device), dtype=str(dtype).replace("torch.", ""), size=size, steps=steps,
                unet_its_ours=1 / ours_unet, unet_its_diffusers=1 / theirs_unet, unet_ratio=theirs_unet / ours_unet,
                image_s_ours=ours_s, image_s_diffusers=theirs_s, image_ratio=theirs_s / ours_s,
@@ -154,3 +171,14 @@ def test_pipeline_sd21_base_gpu():
     rows = [run_case("sd21-base", cfg, torch.device("cuda"), torch.float16, size=512)]
     report(rows, "pipeline-gpu")
     assert rows[0]["unet_ratio"] > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipeline_sdxl_base_gpu():
+    """SDXL base 1024x1024 fp16 with CFG, 10 steps, 3 timed images a side (about a minute on an H200)."""
+    cfg = load_model_config(CONFIG_DIR / "sdxl-base.yaml")
+    rows = [run_case("sdxl-base", cfg, torch.device("cuda"), torch.float16, steps=10, size=1024,
+                     build_on="cuda", image_samples=3)]
+    report(rows, "pipeline-gpu-sdxl")
+    assert rows[0]["unet_ratio"] > 0.5 and rows[0]["image_ratio"] > 0.5

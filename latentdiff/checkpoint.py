@@ -1,9 +1,11 @@
-"""Single-file checkpoints: official SD 1.x / 2.x files and our own, in the original LDM key layout.
+"""Single-file checkpoints: official SD 1.x / 2.x / SDXL files and our own, in the original LDM key layout.
 
     model.diffusion_model.*      U-Net           (our UNetModel names, unchanged)
     first_stage_model.*          VAE             (our AutoencoderKL names, unchanged)
     cond_stage_model.transformer.[text_model.]*   SD1 text encoder, Hugging Face CLIPTextModel names (mapped here)
     cond_stage_model.model.*     SD2 and latentdiff text encoder, open_clip names (unchanged)
+    conditioner.embedders.0.transformer.text_model.*   SDXL CLIP-L, Hugging Face names (mapped as for SD1)
+    conditioner.embedders.1.model.*                    SDXL OpenCLIP bigG, open_clip names (unchanged)
 
 Our files add the ModelConfig as JSON under the safetensors metadata key "latentdiff_config", so one loader
 serves both. Pickled files (.ckpt/.pt) are only read through torch.load(weights_only=True): a pickle that needs
@@ -25,7 +27,7 @@ import torch.nn as nn
 from .config import CONFIG_DIR, ModelConfig, from_dict, load_model_config, to_dict
 from .files import atomic_write
 from .ops import PREDICTIONS
-from .text_encoder import TextEncoder
+from .text_encoder import DualTextEncoder, TextEncoder
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
@@ -33,6 +35,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.model."  # SD2 and ours: open_clip names
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # SD1: Hugging Face CLIPTextModel names
+SDXL_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL CLIP-L: Hugging Face names, text_model.* below
+SDXL_G_PREFIX = "conditioner.embedders.1.model."  # SDXL OpenCLIP bigG: open_clip names
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only text encoder (bigG)
 EMA_PREFIX = "model_ema."
 CONFIG_KEY = "latentdiff_config"
 
@@ -52,7 +57,7 @@ class Models:
     config: ModelConfig
     unet: UNetModel
     vae: AutoencoderKL
-    text: TextEncoder
+    text: TextEncoder | DualTextEncoder  # DualTextEncoder when config.text2 is set (SDXL)
 
 
 # ---- reading files --------------------------------------------------------------------------------
@@ -145,6 +150,27 @@ def hf_clip_to_open_clip(state: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     return out, leftover
 
 
+def open_clip_to_hf_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our open_clip names -> Hugging Face CLIPTextModel names under `text_model.` (the inverse of the above)."""
+    to_hf = {v: k for k, v in _HF_LAYER.items()}
+    out = {}
+    for key, value in state.items():
+        if key == "token_embedding.weight":
+            out["text_model.embeddings.token_embedding.weight"] = value
+        elif key == "positional_embedding":
+            out["text_model.embeddings.position_embedding.weight"] = value
+        elif key.startswith("ln_final."):
+            out["text_model.final_layer_norm." + key.split(".")[-1]] = value
+        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key):
+            for c, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"text_model.encoder.layers.{m[1]}.self_attn.{c}_proj.{m[2]}"] = part
+        elif (m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)) and m[2] in to_hf:
+            out[f"text_model.encoder.layers.{m[1]}.{to_hf[m[2]]}.{m[3]}"] = value
+        else:
+            raise KeyError(f"{key} has no Hugging Face CLIPTextModel name")
+    return out
+
+
 def ema_key(unet_key: str) -> str:
     """Where LDM's EMA stores a U-Net weight: dots removed, e.g. model_ema.diffusion_modelout2weight."""
     return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
@@ -157,7 +183,7 @@ def split_state_dict(state: dict[str, torch.Tensor], unet_keys=(), ema: bool = F
     are taken from the EMA copies of `unet_keys` instead.
     """
     parts = {"unet": {}, "vae": {}, "text": {}}
-    hf_text, unexpected = {}, []
+    hf_text, hf_l, unexpected = {}, {}, []
     for key, value in state.items():
         if key.startswith(UNET_PREFIX):
             parts["unet"][key[len(UNET_PREFIX):]] = value
@@ -167,6 +193,10 @@ def split_state_dict(state: dict[str, torch.Tensor], unet_keys=(), ema: bool = F
             parts["text"][key[len(TEXT_PREFIX):]] = value
         elif key.startswith(SD1_TEXT_PREFIX):
             hf_text[key[len(SD1_TEXT_PREFIX):]] = value
+        elif key.startswith(SDXL_L_PREFIX):
+            hf_l[key[len(SDXL_L_PREFIX):]] = value
+        elif key.startswith(SDXL_G_PREFIX):
+            parts["text"]["clip_g." + key[len(SDXL_G_PREFIX):]] = value
         elif key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX):
             continue
         else:
@@ -175,6 +205,10 @@ def split_state_dict(state: dict[str, torch.Tensor], unet_keys=(), ema: bool = F
         mapped, leftover = hf_clip_to_open_clip(hf_text)
         parts["text"].update(mapped)
         unexpected += [SD1_TEXT_PREFIX + k for k in leftover]
+    if hf_l:
+        mapped, leftover = hf_clip_to_open_clip(hf_l)
+        parts["text"].update({"clip_l." + k: v for k, v in mapped.items()})
+        unexpected += [SDXL_L_PREFIX + k for k in leftover]
     if ema:
         found = [k for k in unet_keys if ema_key(k) in state]
         if not found:
@@ -186,8 +220,13 @@ def split_state_dict(state: dict[str, torch.Tensor], unet_keys=(), ema: bool = F
 def state_dict_for(models: Models) -> dict[str, torch.Tensor]:
     """The single-file layout of our own checkpoints: every weight under its LDM prefix."""
     out = {}
-    for prefix, module in ((UNET_PREFIX, models.unet), (VAE_PREFIX, models.vae), (TEXT_PREFIX, models.text)):
+    for prefix, module in ((UNET_PREFIX, models.unet), (VAE_PREFIX, models.vae)):
         out.update({prefix + k: v for k, v in module.state_dict().items()})
+    if isinstance(models.text, DualTextEncoder):  # SDXL: the official layout, so other tools read our files
+        out.update({SDXL_L_PREFIX + k: v for k, v in open_clip_to_hf_clip(models.text.clip_l.state_dict()).items()})
+        out.update({SDXL_G_PREFIX + k: v for k, v in models.text.clip_g.state_dict().items()})
+    else:
+        out.update({TEXT_PREFIX + k: v for k, v in models.text.state_dict().items()})
     return out
 
 
@@ -207,13 +246,20 @@ def detect_config(state: dict[str, torch.Tensor], metadata: dict[str, str], pred
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{name}: the stored latentdiff config is invalid ({_first_line(e)})") from None
     else:
-        if any(k.startswith(TEXT_PREFIX) for k in state):
+        sdxl_g = any(k.startswith(SDXL_G_PREFIX) for k in state)
+        if not sdxl_g and any(k.startswith(SDXL_REFINER_PREFIX) for k in state):
+            raise CheckpointError(f"{name} is an SDXL refiner (one bigG text encoder, aesthetic-score conditioning), "
+                                  "which is not supported; use an SDXL base checkpoint")
+        if sdxl_g:
+            preset = "sdxl-base"
+        elif any(k.startswith(TEXT_PREFIX) for k in state):
             preset = "sd21-v" if prediction == "v_prediction" else "sd21-base"
         elif any(k.startswith(SD1_TEXT_PREFIX) for k in state):
             preset = "sd15"
         else:
-            raise CheckpointError(f"{name}: no text-encoder keys (cond_stage_model.transformer.* or "
-                                  "cond_stage_model.model.*), so this is not an SD 1.x / 2.x single-file checkpoint")
+            raise CheckpointError(f"{name}: no text-encoder keys (cond_stage_model.transformer.*, "
+                                  "cond_stage_model.model.* or conditioner.embedders.*), so this is not an "
+                                  "SD 1.x / 2.x / SDXL single-file checkpoint")
         cfg = load_model_config(CONFIG_DIR / f"{preset}.yaml")
         cfg = dataclasses.replace(cfg, unet=_unet_from_shapes(cfg.unet, state))
     if prediction is not None:
@@ -237,10 +283,14 @@ def _unet_from_shapes(ucfg, state):
 
 # ---- building and loading models ------------------------------------------------------------------
 
+def _text_encoder(config: ModelConfig) -> TextEncoder | DualTextEncoder:
+    return TextEncoder(config.text) if config.text2 is None else DualTextEncoder(config.text, config.text2)
+
+
 def build_models(config: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32) -> Models:
     """Freshly initialized modules (for training from scratch and tests)."""
     with torch.device(device):
-        models = Models(config, UNetModel(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text))
+        models = Models(config, UNetModel(config.unet), AutoencoderKL(config.vae), _text_encoder(config))
     for m in (models.unet, models.vae, models.text):
         m.to(dtype)
     return models
@@ -248,12 +298,12 @@ def build_models(config: ModelConfig, device="cpu", dtype: torch.dtype = torch.f
 
 def _meta_models(config: ModelConfig) -> Models:
     with torch.device("meta"):
-        return Models(config, UNetModel(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text))
+        return Models(config, UNetModel(config.unet), AutoencoderKL(config.vae), _text_encoder(config))
 
 
 def _mismatch_report(name: str, config: ModelConfig, parts, unexpected: list[str], models: Models) -> str | None:
     missing, shaped = [], []
-    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX}
+    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX if config.text2 is None else ""}
     for part, module in (("unet", models.unet), ("vae", models.vae), ("text", models.text)):
         want, have = module.state_dict(), parts[part]
         missing += [prefixes[part] + k for k in want if k not in have]
@@ -271,7 +321,7 @@ def _mismatch_report(name: str, config: ModelConfig, parts, unexpected: list[str
 
 def load_models(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
                 prediction: str | None = None, ema: bool = False, config: ModelConfig | None = None) -> Models:
-    """Models from an SD 1.x / 2.x or latentdiff single-file checkpoint, in eval mode, on `device` in `dtype`.
+    """Models from an SD 1.x / 2.x / SDXL or latentdiff single-file checkpoint, in eval mode, on `device` in `dtype`.
 
     Modules are built on the meta device and the file's tensors are assigned into them one component at a
     time, so peak memory is about the file plus the model in `dtype`.
@@ -343,7 +393,7 @@ def main(argv=None) -> int:
 
     from .config import ConfigError, merge, parse_overrides
     p = argparse.ArgumentParser(prog="python -m latentdiff.checkpoint",
-                                description="Convert a checkpoint (SD 1.x / 2.x or latentdiff, .safetensors or "
+                                description="Convert a checkpoint (SD 1.x / 2.x / SDXL or latentdiff, .safetensors or "
                                             ".ckpt) into a latentdiff .safetensors file, e.g. fp16 for shipping.")
     p.add_argument("src")
     p.add_argument("out", help="output .safetensors path (written atomically)")

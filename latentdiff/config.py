@@ -212,6 +212,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    text2: TextConfig | None = None  # SDXL: the second text encoder (OpenCLIP bigG), joined per token to `text`
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 

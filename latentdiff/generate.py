@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m latentdiff.generate",
         description="Generate images from text. Prompts longer than CLIP's 77-token window are encoded in "
                     "75-token chunks and concatenated (as A1111 does), not cut.",
-        epilog="Without --checkpoint the bundled emoji model is used. SD 1.x / 2.x single-file checkpoints "
+        epilog="Without --checkpoint the bundled emoji model is used. SD 1.x / 2.x / SDXL single-file checkpoints "
                "(.safetensors, or .ckpt read with torch.load(weights_only=True)) work with --checkpoint; "
                "SD 2.x 768-v files need --prediction v_prediction.")
     p.add_argument("prompt", nargs="?", help="the text prompt")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", "--negative-prompt", default="", dest="negative", help="negative prompt")
     p.add_argument("-W", "--width", type=int, help="width in pixels (default: the model's size)")
     p.add_argument("-H", "--height", type=int, help="height in pixels (default: the model's size)")
-    p.add_argument("--checkpoint", help="a .safetensors / .ckpt file (SD 1.x, SD 2.x or latentdiff)")
+    p.add_argument("--checkpoint", help="a .safetensors / .ckpt file (SD 1.x, SD 2.x, SDXL base or latentdiff)")
     p.add_argument("--config", help="a model config YAML to use instead of the one the checkpoint implies")
     p.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"],
                    help="the model's prediction type (SD 2.x 768-v: v_prediction)")

@@ -13,6 +13,8 @@ from .config import ModelConfig, load_model_config
 from .diffusion import guidance_rescale
 from .samplers import NoiseSampler, get_sampler
 from .schedule import Schedule
+from .text_encoder import DualTextEncoder
+from .unet import micro_conditioning
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -87,9 +89,11 @@ class UNetDenoiser:
     """
 
     def __init__(self, unet, schedule: Schedule, prediction: str, context: torch.Tensor,
-                 guidance: float | None = None, rescale: float = 0.0, dtype: torch.dtype = torch.float32):
+                 guidance: float | None = None, rescale: float = 0.0, dtype: torch.dtype = torch.float32,
+                 y: torch.Tensor | None = None):
         self.unet, self.schedule, self.prediction, self.dtype = unet, schedule, prediction, dtype
         self.context = context.to(dtype)  # (2B, L, D) with guidance, else (B, L, D); uncond rows first
+        self.y = None if y is None else y.to(dtype)  # SDXL's vector, rows as in context
         self.rescale = rescale if guidance is not None else 0.0
         self.scale = guidance
         # With a rescale the guided output is formed in torch, and the kernel sees a plain batch.
@@ -102,7 +106,8 @@ class UNetDenoiser:
         if self.scale is not None:
             x_in = torch.cat([x_in, x_in])
         ts = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.float32)
-        out = self.unet(x_in, ts, self.context).float()  # (B or 2B, C, h, w)
+        args = (x_in, ts, self.context) if self.y is None else (x_in, ts, self.context, self.y)
+        out = self.unet(*args).float()  # (B or 2B, C, h, w)
         if self.rescale:
             u, c = out.chunk(2)
             out = guidance_rescale(u + self.scale * (c - u), c, self.rescale)
@@ -157,7 +162,10 @@ class Pipeline:
         check_dtype(self.device, self.dtype)
         self.config: ModelConfig = models.config
         self.unet = models.unet.to(self.device, self.dtype).eval()
-        self.vae = models.vae.to(self.device, self.dtype).eval()
+        # The SDXL VAE overflows in fp16 (diffusers' force_upcast): it alone runs in float32 then.
+        self.vae_dtype = (torch.float32 if self.config.vae.force_upcast and self.dtype == torch.float16
+                          else self.dtype)
+        self.vae = models.vae.to(self.device, self.vae_dtype).eval()
         self.text = models.text.to(self.device, self.dtype).eval()
         if self.device.type == "cuda":
             self.unet = self.unet.to(memory_format=torch.channels_last)
@@ -194,22 +202,47 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], negatives: list[str], clip_skip: int | None = None):
         """Context for [uncond; cond]: (2B, L, D). Each distinct negative prompt is encoded once."""
-        unique = list(dict.fromkeys(negatives))
-        ctx = self.text.encode(list(prompts) + unique, clip_skip=clip_skip)  # one call: one chunk count k
-        cond, uncond_unique = ctx[:len(prompts)], ctx[len(prompts):]
-        uncond = uncond_unique[torch.tensor([unique.index(n) for n in negatives], device=ctx.device)]
-        return torch.cat([uncond, cond])
+        return self.encode_prompts_pooled(prompts, negatives, clip_skip)[0]
+
+    @torch.no_grad()
+    def encode_prompts_pooled(self, prompts: list[str], negatives: list[str] | None, clip_skip: int | None = None):
+        """(context, pooled) for [uncond; cond], or for the prompts alone when negatives is None.
+
+        pooled is SDXL's bigG text embedding (None for SD 1.x / 2.x). An empty SDXL negative prompt is all
+        zeros, context and pooled, as SDXL base is sampled (SGM's force_uc_zero_embeddings, diffusers'
+        force_zeros_for_empty_prompt).
+        """
+        unique = [] if negatives is None else list(dict.fromkeys(negatives))
+        texts = list(prompts) + unique
+        if isinstance(self.text, DualTextEncoder):
+            ctx, pooled = self.text.encode_with_pooled(texts, clip_skip=clip_skip)  # one call: one chunk count k
+            empty = torch.tensor([i >= len(prompts) and t == "" for i, t in enumerate(texts)], device=ctx.device)
+            ctx, pooled = ctx.masked_fill(empty[:, None, None], 0.0), pooled.masked_fill(empty[:, None], 0.0)
+        else:
+            ctx, pooled = self.text.encode(texts, clip_skip=clip_skip), None
+        if negatives is None:
+            return ctx, pooled
+        index = torch.tensor([len(prompts) + unique.index(n) for n in negatives] + list(range(len(prompts))),
+                             device=ctx.device)
+        return ctx[index], None if pooled is None else pooled[index]
 
     @torch.no_grad()
     def denoiser(self, prompts: list[str], negatives: list[str], guidance: float, guidance_rescale: float = 0.0,
-                 clip_skip: int | None = None) -> UNetDenoiser:
-        """The U-Net conditioned on the prompts, with classifier-free guidance unless guidance is 1."""
-        if guidance != 1.0:
-            context = self.encode_prompts(prompts, negatives, clip_skip)
-        else:  # guidance 1 is the conditional model alone: one batch, the negative prompt plays no part
-            context = self.text.encode(prompts, clip_skip=clip_skip)
+                 clip_skip: int | None = None, size: tuple[int, int] | None = None) -> UNetDenoiser:
+        """The U-Net conditioned on the prompts, with classifier-free guidance unless guidance is 1.
+
+        size: (height, width) of the image in pixels, SDXL's micro-conditioning (default: the model's size).
+        """
+        # guidance 1 is the conditional model alone: one batch, the negative prompt plays no part
+        context, pooled = self.encode_prompts_pooled(prompts, negatives if guidance != 1.0 else None, clip_skip)
+        y = None
+        if pooled is not None:
+            # SDXL: original size = target size = the requested size, crop (0, 0) (Podell et al. 2023, 2.2)
+            h, w = size or (self.config.image_size, self.config.image_size)
+            sizes = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
+            y = micro_conditioning(pooled, sizes.expand(pooled.shape[0], -1))
         return UNetDenoiser(self.unet, self.schedule, self.config.diffusion.prediction, context,
-                            guidance if guidance != 1.0 else None, guidance_rescale, self.dtype)
+                            guidance if guidance != 1.0 else None, guidance_rescale, self.dtype, y)
 
     def image_bytes(self, height: int, width: int, guidance: float) -> int:
         """Peak activation memory one image needs, an upper estimate: the U-Net's (twice with CFG), then the VAE's.
@@ -228,14 +261,14 @@ class Pipeline:
             n, c = (-(-h // 2**level)) * (-(-w // 2**level)), mult * u.model_channels
             skips += u.num_res_blocks * c * n + (c * n // 4 if level < len(u.channel_mult) - 1 else 0)
             widest = max(widest, c * n)
-        unet = (1 if guidance == 1.0 else 2) * (skips + 12 * widest)
+        unet = (1 if guidance == 1.0 else 2) * (skips + 12 * widest) * size
         vae = 0
         for level, mult in enumerate(v.ch_mult):
             n = (-(-height // 2**level)) * (-(-width // 2**level))
             c = v.ch * max(v.ch_mult[level:level + 2])  # the level's own width and what the level above brings up
-            vae = max(vae, 4 * c * n)
+            vae = max(vae, 4 * c * n * (torch.finfo(self.vae_dtype).bits // 8))
         latents = 4 * u.in_channels * h * w * 4  # x, the denoised estimate, noise and the step's output, float32
-        return max(unet, vae) * size + latents
+        return max(unet, vae) + latents
 
     def max_batch(self, height: int, width: int, guidance: float) -> int:
         """How many images one pass may hold at once; refuses a size no batch fits, naming both numbers."""
@@ -316,7 +349,7 @@ class Pipeline:
                 init_image, strength, clip_skip, callback, trajectory, progress, backend):
         """One batch that fits the device: (PIL images, final latents, per-image trajectories)."""
         noise = NoiseSampler(generators)
-        denoiser = self.denoiser(prompts, negs, guidance, guidance_rescale, clip_skip)
+        denoiser = self.denoiser(prompts, negs, guidance, guidance_rescale, clip_skip, size=(size[1], size[0]))
         sigmas = spec.sigmas(self.schedule, steps)
         B = shape[0]
         with ops.use_backend(backend):
@@ -353,7 +386,7 @@ class Pipeline:
         start = steps - max(1, min(steps, int(round(steps * strength))))
         t0 = int(round(float(self.schedule.sigma_to_t(float(sigmas[start])))))
         sigmas = torch.cat([self.schedule.sigmas[t0:t0 + 1], sigmas[start + 1:]])
-        x0 = self.vae.encode(from_pil(image, size, self.device, self.dtype)).float()
+        x0 = self.vae.encode(from_pil(image, size, self.device, self.vae_dtype)).float()
         x0 = x0.expand(shape[0], -1, -1, -1).contiguous()
         sqrt_ab, sqrt_1m_ab = self.schedule.tables(self.device)
         t = torch.full((shape[0],), t0, device=self.device, dtype=torch.int64)
@@ -362,4 +395,4 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.dtype)).float()
+        return self.vae.decode(latents.to(self.vae_dtype)).float()

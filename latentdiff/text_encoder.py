@@ -6,6 +6,8 @@ Parameter names are open_clip's (`token_embedding`, `positional_embedding`, `tra
 
 SD 1.x: OpenAI CLIP ViT-L/14 text tower, QuickGELU, output of the last layer after ln_final, padded with the end token.
 SD 2.x: OpenCLIP ViT-H/14 text tower, GELU, output of the penultimate layer after ln_final, padded with 0.
+SDXL: both CLIP ViT-L/14 (as SD 1.x) and OpenCLIP ViT-bigG/14 (as SD 2.x), each the penultimate layer without
+ln_final, joined per token (DualTextEncoder); bigG also gives the pooled embedding for the U-Net's vector y.
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ class TextConfig:
     act: str = "quick_gelu"  # SD1 (OpenAI CLIP): quick_gelu; SD2 (OpenCLIP ViT-H): gelu
     output_layer: str = "last"  # SD1: "last"; SD2: "penultimate" (then ln_final)
     pad: str = "eos"  # SD1 pads to 77 with the end token 49407; open_clip / SD2 pads with 0 ("zero")
-    embed_dim: int = 0  # width of text_projection (+ logit_scale), stored by SD2 files but unused; 0: none (SD1)
+    embed_dim: int = 0  # width of text_projection (+ logit_scale): unused by SD2, SDXL's pooled output; 0: none (SD1)
+    output_ln_final: bool = True  # ln_final on the returned hidden states (SD1, SD2); SDXL takes them without
 
 
 class TextEncoder(nn.Module):
@@ -147,12 +150,22 @@ class TextEncoder(nn.Module):
     # ---- the transformer ----------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, width) hidden states after ln_final.
+        """(B, L) ids -> (B, L, width) hidden states (after ln_final unless the config says otherwise).
 
         clip_skip counts layers from the end, as in A1111: 1 = last layer, 2 = penultimate. None uses the
         config's output_layer (SD1: last, SD2: penultimate).
         """
+        return self.hidden_and_pooled(tokens, clip_skip)[0]
+
+    def hidden_and_pooled(self, tokens: torch.Tensor, clip_skip: int | None = None, pooled: bool = False):
+        """(hidden states as forward returns them, pooled (B, embed_dim) or None).
+
+        pooled: ln_final of the last layer at the end token, times text_projection (CLIP's text embedding, as
+        SGM's FrozenOpenCLIPEmbedder2 and transformers' CLIPTextModelWithProjection compute it).
+        """
         cfg = self.config
+        if pooled and not cfg.embed_dim:
+            raise ValueError("this text encoder has no text_projection (text.embed_dim = 0), so no pooled output")
         skip = clip_skip if clip_skip is not None else (1 if cfg.output_layer == "last" else 2)
         if not 1 <= skip <= cfg.layers:
             raise ValueError(f"clip_skip must be between 1 and {cfg.layers} (1 = last layer), got {clip_skip}")
@@ -161,12 +174,46 @@ class TextEncoder(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[:L]
         # Causal mask: CLIP's text tower was trained left-to-right, so token i only sees tokens <= i.
         mask = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        for block in self.transformer.resblocks[: cfg.layers - (skip - 1)]:
+        n = cfg.layers - (skip - 1)
+        for i, block in enumerate(self.transformer.resblocks[: cfg.layers if pooled else n]):
             x = block(x, attn_mask=mask)
-        return self.ln_final(x)
+            if i == n - 1:
+                hidden = self.ln_final(x) if cfg.output_ln_final else x
+        if not pooled:
+            return hidden, None
+        # The end token has the highest id, and the first one is where the prompt ends (open_clip's argmax).
+        eot = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return hidden, eot @ self.text_projection
 
     def encode(self, prompts: str | list[str], clip_skip: int | None = None, min_chunks: int = 1) -> torch.Tensor:
         """(B, 77*k, width) conditioning: chunks of 75 tokens encoded separately and joined along the sequence."""
         tokens = self.tokenize_chunks(prompts, min_chunks)  # (B, k, 77)
         B, k, L = tokens.shape
         return self(tokens.view(B * k, L), clip_skip).view(B, k * L, -1)
+
+
+class DualTextEncoder(nn.Module):
+    """SDXL's two encoders, CLIP ViT-L (clip_l) and OpenCLIP ViT-bigG (clip_g): contexts joined per token."""
+
+    def __init__(self, cfg_l: TextConfig, cfg_g: TextConfig):
+        super().__init__()
+        if cfg_l.context_length != cfg_g.context_length:
+            raise ValueError("the two SDXL text encoders need the same context_length "
+                             f"({cfg_l.context_length} vs {cfg_g.context_length})")
+        self.clip_l = TextEncoder(cfg_l)
+        self.clip_g = TextEncoder(cfg_g)
+
+    def encode_with_pooled(self, prompts: str | list[str], clip_skip: int | None = None,
+                           min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, 77*k, width_l + width_g) context, (B, embed_dim) pooled bigG embedding of the first chunk)."""
+        hidden = []
+        for enc in (self.clip_l, self.clip_g):  # same BPE, so both cut the prompts into the same k chunks
+            tokens = enc.tokenize_chunks(prompts, min_chunks)  # (B, k, 77); the two differ in padding only
+            B, k, L = tokens.shape
+            h, pooled = enc.hidden_and_pooled(tokens.view(B * k, L), clip_skip, pooled=enc is self.clip_g)
+            hidden.append(h.view(B, k * L, -1))
+        return torch.cat(hidden, dim=-1), pooled.view(B, k, -1)[:, 0]
+
+    def encode(self, prompts: str | list[str], clip_skip: int | None = None, min_chunks: int = 1) -> torch.Tensor:
+        """The context alone, as TextEncoder.encode gives it."""
+        return self.encode_with_pooled(prompts, clip_skip, min_chunks)[0]

@@ -579,6 +579,9 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     models = load_models(ckpt_path / "model.safetensors", device=d.device, dtype=torch.float32) \
         if state is not None else build_models(model_cfg, cfg, d.device)
     model_cfg = models.config
+    if cfg.stage == "unet" and model_cfg.text2 is not None:
+        raise SystemExit("error: training an SDXL U-Net is not supported (its pooled-text and size conditioning "
+                         "are not in the trainer); the VAE stage works, or train an SD 1.x / 2.x layout")
     schedule = Schedule.from_config(model_cfg.diffusion)
     if cfg.stage == "unet":
         trained = {"unet": models.unet} | ({"text": models.text} if cfg.train_text_encoder else {})

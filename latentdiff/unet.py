@@ -26,6 +26,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb  # (B, dim) float32
 
 
+def micro_conditioning(pooled: torch.Tensor, sizes: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL's vector y: pooled text (B, P) and a sinusoidal embedding of each of the six numbers in `sizes`.
+
+    sizes (B, 6) = original (h, w), crop top-left (top, left), target (h, w), as SGM's ConcatTimestepEmbedderND
+    embeds them: every number on its own, `dim` channels each, in that order (Podell et al. 2023, 2.2).
+    """
+    B = sizes.shape[0]
+    emb = timestep_embedding(sizes.reshape(-1), dim).view(B, -1)  # (B, 6*dim)
+    return torch.cat([pooled.float(), emb.to(pooled.device)], dim=1)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm in the input's dtype, with mean and variance accumulated in float32."""
 
@@ -195,10 +206,16 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
     num_heads: int = 8  # SD1: a head count; -1 when num_head_channels is set
     num_head_channels: int = -1  # SD2: 64 channels per head
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per SpatialTransformer; SDXL: one per level (0, 2, 10)
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD2: proj_in / proj_out are Linear, SD1: 1x1 Conv
     norm_groups: int = 32  # GroupNorm groups (SD: 32); tiny models may use fewer
+    adm_in_channels: int = 0  # SDXL: width of the vector y (pooled text + size embeddings) added to emb; 0: none
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks at a channel_mult level (the middle block uses the last level's)."""
+        d = self.transformer_depth
+        return d if isinstance(d, int) else d[level]
 
 
 class UNetModel(nn.Module):
@@ -211,13 +228,19 @@ class UNetModel(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if not isinstance(cfg.transformer_depth, int) and len(cfg.transformer_depth) != len(cfg.channel_mult):
+            raise ValueError(f"unet.transformer_depth needs one entry per channel_mult level "
+                             f"({len(cfg.channel_mult)}), got {list(cfg.transformer_depth)}")
+        if cfg.adm_in_channels:  # SGM's num_classes="sequential": the name label_emb.0.* is the checkpoint's
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
-        def transformer(ch):
+        def transformer(ch, level):
             if cfg.num_head_channels == -1:
                 heads, dim_head = cfg.num_heads, ch // cfg.num_heads
             else:
                 heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
-            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+            return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim,
                                       cfg.use_linear_in_transformer, groups)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -226,8 +249,8 @@ class UNetModel(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                if ds in cfg.attention_resolutions and cfg.depth(level):
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -236,15 +259,15 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups))
+            ResBlock(ch, emb_dim, ch, groups), transformer(ch, -1), ResBlock(ch, emb_dim, ch, groups))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                if ds in cfg.attention_resolutions and cfg.depth(level):
+                    layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -259,11 +282,18 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """y: (B, adm_in_channels), the SDXL vector (see micro_conditioning); required exactly when configured."""
         if not torch.is_tensor(t) or t.ndim == 0:
             t = torch.full((x.shape[0],), float(t), device=x.device)
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        if (y is None) != (not self.config.adm_in_channels):
+            raise ValueError(f"this U-Net takes {'a' if self.config.adm_in_channels else 'no'} vector y "
+                             f"(adm_in_channels={self.config.adm_in_channels})")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         h, context = x.to(dtype), context.to(dtype)
         skips = []
         for block in self.input_blocks:

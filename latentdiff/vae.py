@@ -187,6 +187,7 @@ class VAEConfig:
     resolution: int = 256
     norm_groups: int = 32
     scale_factor: float = 0.18215  # latents are scaled by this after encoding (SD 1.x / 2.x)
+    force_upcast: bool = False  # run in float32 when the model is fp16: the SDXL VAE overflows in fp16
 
 
 def _ramp(n: int, ramp: int, device) -> torch.Tensor:

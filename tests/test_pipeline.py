@@ -111,7 +111,7 @@ def test_long_prompts_are_chunked_not_cut(pipe):
 def test_bad_settings_are_rejected_with_the_fix(pipe):
     with pytest.raises(ValueError, match="multiples of 8"):
         pipe("x", width=60, steps=1)
-    with pytest.raises(ValueError, match="steps must be at least 1"):
+    with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
         pipe("x", steps=0)
     with pytest.raises(ValueError, match="finite"):
         pipe("x", steps=1, guidance=float("nan"))
