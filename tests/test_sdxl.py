@@ -347,3 +347,24 @@ def test_sdxl_layout_file_end_to_end(small, capsys):
     loaded = load_models(ours)  # the config from the metadata, no --config
     got, want = loaded.text.state_dict(), models.text.state_dict()
     assert loaded.config == cfg and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_sdxl_layout_file_in_half_matches_float32(small, dtype):
+    """The official-layout file in fp16 / bf16 on the CPU: same seeds, final latents within the half-precision
+    bounds of tests/test_half_precision.py (fp16 keeps the VAE in float32, as diffusers' force_upcast does)."""
+    from safetensors.torch import save_file
+    d, cfg, models = small
+    path = d / f"sdxl-{dtype}.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict_for(models).items()}, str(path))
+    final = {}
+    for dt in ("fp32", dtype):
+        pipe = Pipeline.from_checkpoint(path, device="cpu", dtype=dt, config=cfg)
+        res = pipe("a cat", negative_prompt="blurry", steps=2, seed=4, guidance=5.0, return_latents=True,
+                   progress=False)
+        assert res.images[0].size == (64, 64)
+        final[dt] = res.latents
+        if dt == "fp16":
+            assert pipe.vae_dtype == torch.float32 and next(pipe.unet.parameters()).dtype == torch.float16
+    err = ((final[dtype] - final["fp32"]).norm() / final["fp32"].norm()).item()
+    assert err <= {"fp16": 1e-2, "bf16": 5e-2}[dtype], err
