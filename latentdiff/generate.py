@@ -254,9 +254,9 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     checkpoint = args.checkpoint
     if checkpoint is None:
         if not BUNDLED.exists():
-            raise UsageError("no bundled model in this version: the default emoji model does not draw recognisable "
-                             "emoji yet (README, 'The default model'); pass --checkpoint FILE (an SD 1.x / 2.x or "
-                             "latentdiff checkpoint)")
+            raise UsageError(f"the bundled emoji model {BUNDLED} is missing from this install: reinstall latentdiff "
+                             "(pip install --no-build-isolation .), or pass --checkpoint FILE (an SD 1.x / 2.x / XL "
+                             "or latentdiff checkpoint)")
         checkpoint = str(BUNDLED)
     if not Path(checkpoint).is_file():
         raise UsageError(f"checkpoint {checkpoint} not found; pass an existing .safetensors or .ckpt file")
