@@ -5,7 +5,8 @@
 Builds the extension for the visible GPU, runs every CUDA test (and the op-error table under compute-sanitizer),
 `generate` end to end in fp16 and bf16 on a tiny checkpoint and on a random SD 2.1-base checkpoint at 512x512,
 the op, pipeline (SD 2.1 and SDXL against diffusers) and training benchmarks, and, when the emoji data is there,
-the emoji model's second training stage on the in-memory fast path. Each part runs as its own process under its
+the emoji model's second training stage on the in-memory fast path (LATENTDIFF_EMOJI_INIT: stage 1's
+file; data/emoji-latents, and data/emoji for its evaluation). Each part runs as its own process under its
 own time limit (clipped to what is left of --budget), so one hang cannot eat the run. Logs, the benchmarks' JSON
 and summary.json go to --out; the last thing printed is one table: pass / fail / timeout / skip per part, and the
 numbers that matter. Without a GPU every CUDA part is skipped, so the script's logic can be checked on a CPU machine.
@@ -81,7 +82,10 @@ def parts(out: Path) -> list[tuple[str, str, int]]:
         ("bench-pipeline", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_pipeline.py "
          "-k sd21", 240),
         ("bench-train", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_train.py -k gpu", 240),
-        ("emoji-stage2", (f"bash benchmarks/emoji_stage2.sh {shlex.quote(emoji)} {shlex.quote(str(out / 'emoji'))}"
+        ("emoji-stage2", (f"STAGE2_ARGS='--data.in_memory=true' bash docs/experiments/emoji-recipe.sh stage2 "
+                          f"{shlex.quote(emoji)} {shlex.quote(str(out / 'emoji'))} && {{ [ ! -d data/emoji ] || "
+                          f"{PY} -m latentdiff.evaluate --checkpoint {shlex.quote(str(out / 'emoji'))}/emoji.safetensors "
+                          f"--data data/emoji --device cuda --out {shlex.quote(str(out / 'emoji'))}/evaluate.json; }}"
                           if emoji else ""), 300),
         ("bench-sdxl", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_pipeline.py "
          "-k sdxl", 240),
@@ -104,7 +108,7 @@ def run_part(name: str, cmd: str, limit: int, logs: Path) -> dict:
         f.flush()
         # A process group of its own, so the time limit ends everything the part started.
         proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHON=sys.executable))
         try:
             rc = proc.wait(timeout=limit)
             status = "pass" if rc == 0 else "fail"
