@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
     p.add_argument("--grid-only", action="store_true",
                    help="write only the grid (a row per prompt), to -o when it is a .png path")
+    p.add_argument("--grid-cols", type=int, help="images per grid row (default: -n with several prompts, else square)")
     p.add_argument("--trajectory", action="store_true",
                    help="also write the predicted x0 at every step, as a strip PNG and a GIF, per image")
     p.add_argument("--clip-skip", type=int, help="use the output of this many layers from the end (1 = last)")
@@ -230,6 +231,8 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         prompts = [args.prompt]
     if not prompts:
         raise UsageError('give a prompt, e.g. python -m latentdiff.generate "a cat", or --from-file / --from-png')
+    if args.grid_cols is not None and args.grid_cols < 1:
+        raise UsageError(f"--grid-cols must be at least 1 (got {args.grid_cols})")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1 (got {args.num_images})")
     if args.sampler is not None:
@@ -313,7 +316,8 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         grid_path = paths[0].with_name(f"grid-{slug(prompts[0])}-{seed}.png")
         if args.grid_only and args.output and args.output.lower().endswith(".png"):
             grid_path = Path(args.output)
-        save_image(image_grid(result.images, cols=args.num_images if len(prompts) > 1 else None), grid_path,
+        cols = args.grid_cols or (args.num_images if len(prompts) > 1 else None)
+        save_image(image_grid(result.images, cols=cols), grid_path,
                    f"grid of {len(result.images)} images, seeds {seed}..{seed + n_total - 1}")
         written.append(grid_path)
     return written

@@ -198,3 +198,12 @@ def test_without_a_bundled_model_the_command_says_what_to_do(tmp_path, capsys, m
     monkeypatch.setattr(g, "BUNDLED", tmp_path / "absent.safetensors")
     rc, out, err = run(capsys, "a cat", "-o", tmp_path)
     assert rc == 2 and out == [] and "--checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_grid_cols_sets_the_grid_layout(tmp_path, capsys, tiny_checkpoint):
+    (tmp_path / "p.txt").write_text("a fish\na bird\na cat\n")
+    rc, out, _ = run(capsys, "--from-file", tmp_path / "p.txt", "--checkpoint", tiny_checkpoint, "--steps", 1,
+                     "--seed", 2, "--grid-only", "--grid-cols", 3, "-o", tmp_path / "g.png")
+    assert rc == 0 and Image.open(tmp_path / "g.png").size == (3 * 64, 64)
+    rc, _, err = run(capsys, "a cat", "--checkpoint", tiny_checkpoint, "--grid-cols", 0, "-o", tmp_path)
+    assert rc == 2 and "--grid-cols must be at least 1" in err
