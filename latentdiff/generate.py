@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--backend", choices=["fused", "torch"], help="diffusion kernels (default: fused when built)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, launch the U-Net's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--from-file", help="a text file with one prompt per line")
     p.add_argument("--from-png", help="regenerate from the parameters stored in a PNG made by latentdiff or A1111")
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
@@ -272,7 +274,8 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     try:
         config = load_model_config(args.config) if args.config else None
         pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype, config=config,
-                                        prediction=args.prediction, ema=args.ema, compile=args.compile)
+                                        prediction=args.prediction, ema=args.ema, compile=args.compile,
+                                        cuda_graphs=not args.no_cuda_graphs)
     except (CheckpointError, ConfigError, ValueError) as e:
         raise UsageError(str(e)) from None
     except RuntimeError as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,50 @@ class UNetDenoiser:
         return 0.0, 1.0  # sample: the network predicts x0 itself
 
 
+class GraphedUNet:
+    """The U-Net replayed from a CUDA graph per input shape (Pipeline's default on CUDA).
+
+    An SD U-Net call is about a thousand small kernels; at batch 2 and 512x512 a large GPU runs them faster than
+    the host can launch them one by one. A graph launches them all at once: inputs are copied into the graph's
+    own tensors, the recorded kernels replay, and the output is copied out (a replay overwrites it). If a capture
+    fails the U-Net runs eagerly from then on, with one warning.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet, self.graphs, self.failed = unet, {}, False
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.failed or torch.is_grad_enabled():
+            return self.unet(*args)
+        key = tuple((a.shape, a.dtype) for a in args)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(args)
+            except RuntimeError as e:
+                self.failed = True
+                warnings.warn(f"latentdiff: CUDA graph capture failed ({str(e).splitlines()[0]}); "
+                              "running the U-Net eagerly")
+                return self.unet(*args)
+        inputs, output, graph = self.graphs[key]
+        for dst, src in zip(inputs, args):
+            dst.copy_(src)
+        graph.replay()
+        return output.clone()
+
+    def _capture(self, args):
+        inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: library handles and algorithm choices are made here
+            for _ in range(2):
+                self.unet(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.unet(*inputs)
+        return inputs, output, graph
+
+
 @dataclass
 class Result:
     images: list[Image.Image]
@@ -156,7 +201,8 @@ def from_pil(image: Image.Image, size: tuple[int, int], device, dtype) -> torch.
 class Pipeline:
     """The three modules, the schedule and a sampler, composed."""
 
-    def __init__(self, models: Models, device: str | torch.device = "auto", dtype=None, compile: bool = False):
+    def __init__(self, models: Models, device: str | torch.device = "auto", dtype=None, compile: bool = False,
+                 cuda_graphs: bool = True):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         check_dtype(self.device, self.dtype)
@@ -171,18 +217,21 @@ class Pipeline:
             self.unet = self.unet.to(memory_format=torch.channels_last)
         if compile:
             self.unet = torch.compile(self.unet)
+        # What the sampler calls: CUDA graphs on CUDA (torch.compile makes its own choices there)
+        graphed = cuda_graphs and self.device.type == "cuda" and not compile
+        self.unet_call = GraphedUNet(self.unet) if graphed else self.unet
         self.schedule = Schedule.from_config(self.config.diffusion)
         self.checkpoint_path: str | None = None
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", dtype=None, prediction: str | None = None, ema: bool = False,
-                        compile: bool = False, config: ModelConfig | None = None) -> "Pipeline":
+                        compile: bool = False, config: ModelConfig | None = None, cuda_graphs: bool = True) -> "Pipeline":
         """SD 1.x / 2.x single-file checkpoints and latentdiff checkpoints (config: override the detected one)."""
         dev = pick_device(device)
         check_dtype(dev, pick_dtype(dev, dtype))
         models = load_models(path, device=dev, dtype=pick_dtype(dev, dtype), prediction=prediction, ema=ema,
                              config=config)
-        pipe = cls(models, dev, dtype, compile=compile)
+        pipe = cls(models, dev, dtype, compile=compile, cuda_graphs=cuda_graphs)
         pipe.checkpoint_path = str(path)
         return pipe
 
@@ -241,7 +290,7 @@ class Pipeline:
             h, w = size or (self.config.image_size, self.config.image_size)
             sizes = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
             y = micro_conditioning(pooled, sizes.expand(pooled.shape[0], -1))
-        return UNetDenoiser(self.unet, self.schedule, self.config.diffusion.prediction, context,
+        return UNetDenoiser(self.unet_call, self.schedule, self.config.diffusion.prediction, context,
                             guidance if guidance != 1.0 else None, guidance_rescale, self.dtype, y)
 
     def image_bytes(self, height: int, width: int, guidance: float) -> int:
