@@ -1,5 +1,6 @@
 """Pipeline speed: U-Net iterations/s, seconds per image end to end and peak memory, ours beside diffusers'
-UNet2DConditionModel and its scheduler loop on the same weights, in the same run.
+UNet2DConditionModel and its scheduler loop on the same weights, in the same run. Ours is the pipeline as it
+runs (the U-Net replayed from CUDA graphs on CUDA); the eager U-Net's it/s is reported beside it.
 
 CPU: the tiny config (64x64). GPU (when present): the SD 2.1-base architecture at 512x512 fp16 with CFG, and
 SDXL base at 1024x1024 fp16 with CFG (VAE in fp32 on both sides, as diffusers' force_upcast), random weights
@@ -116,7 +117,8 @@ def run_case(name, config, device, dtype, steps=20, size=None, build_on=None, im
 
     ctx, ours_extra, theirs_extra = condition()
     with torch.no_grad():
-        ours_unet = timeit(lambda: pipe.unet(x, t, ctx, *ours_extra), device)
+        ours_unet = timeit(lambda: pipe.unet_call(x, t, ctx, *ours_extra), device)  # CUDA graphs on CUDA
+        eager_unet = timeit(lambda: pipe.unet(x, t, ctx, *ours_extra), device)
         theirs_unet = timeit(lambda: d_unet(x, t, encoder_hidden_states=ctx, **theirs_extra).sample, device)
 
     def ours_image():
@@ -137,7 +139,8 @@ def run_case(name, config, device, dtype, steps=20, size=None, build_on=None, im
     ours_s = timeit(ours_image, device, min_run_time=2.0, samples=image_samples)
     theirs_s = timeit(diffusers_image, device, min_run_time=2.0, samples=image_samples)
     row = dict(case=name, device=str(device), dtype=str(dtype).replace("torch.", ""), size=size, steps=steps,
-               unet_its_ours=1 / ours_unet, unet_its_diffusers=1 / theirs_unet, unet_ratio=theirs_unet / ours_unet,
+               unet_its_ours=1 / ours_unet, unet_its_eager=1 / eager_unet, unet_its_diffusers=1 / theirs_unet,
+               unet_ratio=theirs_unet / ours_unet,
                image_s_ours=ours_s, image_s_diffusers=theirs_s, image_ratio=theirs_s / ours_s,
                peak_gib_ours=peak_memory(ours_image, device), peak_gib_diffusers=peak_memory(diffusers_image, device))
     return row
@@ -147,11 +150,12 @@ def report(rows, name):
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                       "torch": torch.__version__, "rows": rows}, indent=1))
-    print(f"\n{'case':<16}{'device':<8}{'dtype':<9}{'size':>5}{'unet it/s':>11}{'diffusers':>11}{'ratio':>7}"
+    print(f"\n{'case':<16}{'device':<8}{'dtype':<9}{'size':>5}{'unet it/s':>11}{'eager':>8}{'diffusers':>11}{'ratio':>7}"
           f"{'s/image':>9}{'diffusers':>11}{'ratio':>7}{'peak GiB':>10}{'diffusers':>11}")
     for r in rows:
         mem = lambda v: f"{v:.2f}" if v is not None else "n/a"  # noqa: E731
         print(f"{r['case']:<16}{r['device']:<8}{r['dtype']:<9}{r['size']:>5}{r['unet_its_ours']:>11.1f}"
+              f"{r['unet_its_eager']:>8.1f}"
               f"{r['unet_its_diffusers']:>11.1f}{r['unet_ratio']:>7.2f}{r['image_s_ours']:>9.3f}"
               f"{r['image_s_diffusers']:>11.3f}{r['image_ratio']:>7.2f}{mem(r['peak_gib_ours']):>10}"
               f"{mem(r['peak_gib_diffusers']):>11}")
