@@ -186,3 +186,39 @@ def test_bench_q_sample_bandwidth(device, cpu_threads, bench):
     print(f"written to {path}")
     assert ms["fused q_sample"] < ms["eager q_sample_ref"]
     assert ms["fused q_sample(out=buf)"] < ms["eager q_sample_ref"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
+def test_bench_sampler_step_latency_gpu(bench):
+    """One DPM++-style step with CFG at batch 1 (1x4x64x64 fp16): called from Python one by one (the host's dispatch
+    cost, what a sampler loop pays), and 25 steps replayed from one CUDA graph (the kernel alone). Target: <= 10 us."""
+    x = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
+    out = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+    d_prev = torch.randn_like(x)
+
+    def step(x):
+        return ops.sampler_step(x, out, p=1.0, q=-0.5, a=0.9, b=0.1, c=0.05, d_prev=d_prev, guidance=7.5)[0]
+
+    def loop(n):
+        y = x
+        for _ in range(n):
+            y = step(y)
+        return y
+
+    per_call = bench.median_seconds(lambda: loop(100), "cuda") / 100
+    raw = bench.median_seconds(lambda: torch.ops.latentdiff.sampler_step(
+        x, out, d_prev, None, None, 1.0, -0.5, 7.5, True, 0.9, 0.1, 0.05, 0.0, 0.0), "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loop(25)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loop(25)
+    per_graph_step = bench.median_seconds(graph.replay, "cuda") / 25
+    rows = {"python_wrapper_us": per_call * 1e6, "raw_op_us": raw * 1e6, "cuda_graph_step_us": per_graph_step * 1e6}
+    print("\nsampler step, batch 1, 1x4x64x64 fp16 with CFG: " + "  ".join(f"{k} {v:.2f}" for k, v in rows.items()))
+    bench.write_json("sampler-step-latency-cuda", {"machine": bench.machine("cuda"), "rows": rows})
+    assert per_graph_step < per_call
