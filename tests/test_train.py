@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from latentdiff import diffusion, train as train_mod
 from latentdiff.checkpoint import load_models
-from latentdiff.data import write_tar
+from latentdiff.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "train-tiny.yaml"
