@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the loader decodes, in order of preference
+ORIENTATION = 0x0112  # the EXIF tag saying how to rotate or mirror the stored pixels for display
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,7 @@ def load_image(data: bytes, resolution: int) -> Image.Image:
     if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale in the DCT domain when that still covers `resolution`
         img.draft("RGB", (resolution, resolution))
     img.load()  # a truncated file fails here rather than later
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)
@@ -98,6 +96,20 @@ def load_image(data: bytes, resolution: int) -> Image.Image:
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
     return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled, transparency on white."""
+    if img.getexif().get(ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # convert() would clip these to 255; 65535 maps to 255 (mode I from 16-bit files holds 0..65535 too).
+        v = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(v / 257.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -145,10 +157,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     flips and caption dropout differ across ranks and workers and are reproducible for a given seed.
     """
 
-    def __init__(self, cfg: DataConfig, urls: list[str], rank: int, world_size: int, seed: int, tokenize=None):
+    def __init__(self, cfg: DataConfig, urls: list[str], rank: int, world_size: int, seed: int, tokenize=None,
+                 latent_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.cfg, self.urls, self.rank, self.world_size, self.seed = cfg, urls, rank, world_size, seed
         self.tokenize = tokenize
+        self.latent_shape = tuple(latent_shape) if latent_shape else None  # None: the first good sample's
         self.epoch = 0
         self.repeat = False  # read the (split) shard list forever, a new shuffle each pass
 
@@ -181,11 +195,20 @@ class ShardStream(torch.utils.data.IterableDataset):
                                 f"{type(exc).__name__}: {exc}, in {where}); check the shards (and that "
                                 f"data.latents matches what they hold)") from None
 
-        def on_error(exc):  # unreadable tar files or members: count and go on
-            failed(exc, "a tar file")
+        opened, counted = [0], [-1]
+
+        def shards():
+            for shard in self._shards(rng, worker, num_workers):
+                opened[0] += 1
+                yield shard
+
+        def on_error(exc):  # unreadable tar files or members: count once per tar read and go on
+            if counted[0] != opened[0]:  # webdataset reports a truncated tar twice, at the member and at the file
+                counted[0] = opened[0]
+                failed(exc, "a tar file")
             return True
 
-        samples = wds.tarfile_samples(self._shards(rng, worker, num_workers), handler=on_error)
+        samples = wds.tarfile_samples(shards(), handler=on_error)
         buffer: list[dict] = []
         batch: list[dict] = []
         bufsize, read = max(1, self.cfg.shuffle_buffer), 0
@@ -229,8 +252,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             if flip and "latent_flip.npy" not in sample:
                 raise _Fatal("data.hflip is true but these latent shards hold no flipped latents; re-run "
                              "encode-shards with --hflip, or set data.hflip: false")
-            x = torch.from_numpy(_npy(sample["latent_flip.npy" if flip else "latent.npy"]).astype(np.float32))
-            return {"latents": x, "caption": caption}
+            x = _npy(sample["latent_flip.npy" if flip else "latent.npy"])
+            # A mis-shaped latent would fail the batch's torch.stack, outside this per-sample check: refuse it here.
+            if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(f"latent of shape {x.shape} and dtype {x.dtype}; expected a (C, h, w) float array")
+            if self.latent_shape is None:
+                self.latent_shape = x.shape
+            if x.shape != self.latent_shape:
+                raise ValueError(f"latent of shape {x.shape}; expected {self.latent_shape}")
+            if not np.isfinite(x).all():
+                raise ValueError("latent holds NaN or infinite values")
+            return {"latents": torch.from_numpy(x.astype(np.float32)), "caption": caption}
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise KeyError("sample has no image")
@@ -282,8 +314,9 @@ class Loader:
 
 
 def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, tokenize=None,
-                epoch_length: int | None = None) -> Loader:
-    """Batches {"pixels" | "latents", "captions", "tokens" (with tokenize), "n_skipped"} for one rank."""
+                epoch_length: int | None = None, latent_shape: tuple[int, ...] | None = None) -> Loader:
+    """Batches {"pixels" | "latents", "captions", "tokens" (with tokenize), "n_skipped"} for one rank; latent
+    samples not of latent_shape (C, h, w; default: the first sample's) are skipped and counted."""
     if not cfg.shards:
         raise DataError("data.shards is empty; set it to your shards, e.g. data.shards: 'data/x-{000000..000009}.tar'")
     if cfg.batch_size < 1 or cfg.resolution < 1 or cfg.num_workers < 0:
@@ -298,7 +331,8 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: in
                         f"{readers} readers: with data.resample: false each reader needs its own shard, or training "
                         f"hangs. Set data.resample: true, write at least {readers} shards (make-shards --per-shard), "
                         f"or lower data.num_workers")
-    return Loader(ShardStream(cfg, urls, rank, world_size, seed, tokenize), cfg.num_workers, epoch_length)
+    return Loader(ShardStream(cfg, urls, rank, world_size, seed, tokenize, latent_shape), cfg.num_workers,
+                  epoch_length)
 
 
 def _print_summary(what: str, summary: dict, t0: float):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -70,32 +71,40 @@ def encode_shards(src, out, checkpoint, resolution: int | None = None, batch_siz
             files["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
             done.append((key, files))
 
-    for url, target in tqdm(list(zip(urls, targets)), desc="encode-shards", unit="shard", disable=not progress):
-        done: list[tuple[str, dict[str, bytes]]] = []
-        images, records = [], []
-        for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
-            key = os.path.basename(sample["__key__"])
-            try:
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                if ext is None:
-                    raise KeyError("no image")
-                img = load_image(sample[ext], resolution)
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-                caption = sample["txt"]
-            except Exception as e:
-                reason = f"undecodable sample ({type(e).__name__})"
-                skipped[reason] += 1
-                examples.setdefault(reason, f"{url}:{key}")
-                continue
-            images.append(img)
-            records.append((key, caption, meta))
-            if len(images) == batch_size:
+    # Shards are staged and moved into --out together at the end, so an interrupted run leaves no partial set.
+    staging = out / f".tmp-encode-{os.getpid()}"
+    staging.mkdir()
+    try:
+        for url, target in tqdm(list(zip(urls, targets)), desc="encode-shards", unit="shard", disable=not progress):
+            done: list[tuple[str, dict[str, bytes]]] = []
+            images, records = [], []
+            for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
+                key = os.path.basename(sample["__key__"])
+                try:
+                    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                    if ext is None:
+                        raise KeyError("no image")
+                    img = load_image(sample[ext], resolution)
+                    meta = json.loads(sample["json"]) if "json" in sample else {}
+                    caption = sample["txt"]
+                except Exception as e:
+                    reason = f"undecodable sample ({type(e).__name__})"
+                    skipped[reason] += 1
+                    examples.setdefault(reason, f"{url}:{key}")
+                    continue
+                images.append(img)
+                records.append((key, caption, meta))
+                if len(images) == batch_size:
+                    encode_batch(images, records, done)
+                    images, records = [], []
+            if images:
                 encode_batch(images, records, done)
-                images, records = [], []
-        if images:
-            encode_batch(images, records, done)
-        write_tar(target, done)
-        written += len(done)
+            write_tar(staging / target.name, done)
+            written += len(done)
+        for target in targets:
+            os.replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"written": written, "shards": [str(t) for t in targets], "skipped": dict(skipped), "examples": examples}
 
 

@@ -5,16 +5,18 @@ import csv
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
-from .data import DataError
+from .data import ORIENTATION, DataError, to_rgb
 from .files import atomic_write
 
 SOURCE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what make-shards accepts
+PLAIN_MODES = ("1", "L", "P", "RGB", "LA", "RGBA")  # 8-bit modes every reader decodes as they display
 
 
 def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes):
@@ -33,7 +35,11 @@ def write_tar(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]):
 
 
 class ShardWriter:
-    """Collect samples and write DIR/PREFIX-000000.tar, -000001.tar, ... of `per_shard` samples each."""
+    """Collect samples and write DIR/PREFIX-000000.tar, -000001.tar, ... of `per_shard` samples each.
+
+    Shards go to a hidden staging folder inside DIR and are moved into place by close(), so an interrupted run
+    (an exception, Ctrl-C) leaves DIR as it was: a half-written set never sits beside, or over, a whole one.
+    """
 
     def __init__(self, out_dir, prefix: str = "data", per_shard: int = 1000, overwrite: bool = False):
         if per_shard < 1:
@@ -44,6 +50,10 @@ class ShardWriter:
         if self.old and not overwrite:
             raise DataError(f"{self.out} already holds {len(self.old)} shard(s) named {prefix}-*.tar; pass "
                             f"--overwrite to replace them, or choose another --out or --prefix")
+        for leftover in self.out.glob(f".tmp-{prefix}-*"):  # staging of a killed run: never a whole set
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.staging = self.out / f".tmp-{prefix}-{os.getpid()}"
+        self.staging.mkdir()
         self.pending: list[tuple[str, dict[str, bytes]]] = []
         self.paths: list[Path] = []
         self.count = 0
@@ -62,7 +72,7 @@ class ShardWriter:
     def _flush(self):
         if self.pending:
             path = self.out / f"{self.prefix}-{len(self.paths):06d}.tar"
-            write_tar(path, self.pending)
+            write_tar(self.staging / path.name, self.pending)
             self.paths.append(path)
             self.pending = []
 
@@ -70,7 +80,14 @@ class ShardWriter:
         self._flush()
         for stale in set(self.old) - set(self.paths):  # left over from a larger earlier run
             stale.unlink()
+        for path in self.paths:
+            os.replace(self.staging / path.name, path)
+        self.staging.rmdir()
         return self.paths
+
+    def abort(self):
+        """Drop what was written; the folder keeps its earlier shards."""
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -78,23 +95,26 @@ class ShardWriter:
     def __exit__(self, *exc):
         if exc[0] is None:
             self.close()
+        else:
+            self.abort()
 
 
 def _image_record(path: Path, source: str) -> dict[str, bytes]:
-    """Check one image decodes fully; keep JPEG/PNG bytes as they are, re-encode other formats as PNG."""
+    """Check one image decodes fully; keep 8-bit upright JPEG/PNG bytes as they are, store any other image as the
+    8-bit RGB PNG a viewer would show (16-bit scaled, CMYK converted, EXIF orientation applied)."""
     data = path.read_bytes()
     img = Image.open(io.BytesIO(data))
     fmt = img.format
     img.load()
-    meta = {"width": img.width, "height": img.height, "source": source}
-    if fmt == "JPEG":
-        ext = "jpg"
-    elif fmt == "PNG":
-        ext = "png"
+    plain = img.mode in PLAIN_MODES and img.getexif().get(ORIENTATION, 1) == 1
+    if plain and fmt in ("JPEG", "PNG"):
+        ext = "jpg" if fmt == "JPEG" else "png"
     else:
+        img = img if plain else to_rgb(img)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         data, ext = buf.getvalue(), "png"
+    meta = {"width": img.width, "height": img.height, "source": source}
     return {ext: data, "json": json.dumps(meta).encode()}
 
 

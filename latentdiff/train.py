@@ -654,8 +654,9 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         tokenize = None
         if cfg.stage == "unet":
             tokenize = Tokenizer(model_cfg.text)
+        side = data_cfg.resolution // models.vae.latent_factor
         loader = make_loader(data_cfg, rank=d.rank, world_size=d.world_size, seed=cfg.seed + 1000 * step,
-                             tokenize=tokenize)
+                             tokenize=tokenize, latent_shape=(model_cfg.vae.embed_dim, side, side))
 
         def batches():
             while True:  # a finite loader (no resampling) restarts: the step count, not epochs, ends the run
