@@ -2,7 +2,7 @@
 
     python -m latentdiff.data make-shards SRC --out DIR         images + captions -> tar shards (shards.py)
     python -m latentdiff.data encode-shards 'DIR/x-{000000..000009}.tar' --out LATDIR --checkpoint CKPT  (encode.py)
-    python -m latentdiff.data emoji --out DIR                   the Noto Color Emoji set, the bundled model's data (emoji.py)
+    python -m latentdiff.data emoji --out DIR                   the Noto Color Emoji set (emoji.py)
 
 A shard is a plain tar of samples that share a key: `KEY.jpg` or `KEY.png` (the image), `KEY.txt` (the caption),
 `KEY.json` (width, height, source; emoji add name/captions), or `KEY.latent.npy` in latent shards.
@@ -99,7 +99,7 @@ def load_image(data: bytes, resolution: int) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled, transparency on white."""
+    """Any PIL mode -> 8-bit RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled, alpha on white."""
     if img.getexif().get(ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -317,6 +317,13 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: in
                 epoch_length: int | None = None, latent_shape: tuple[int, ...] | None = None) -> Loader:
     """Batches {"pixels" | "latents", "captions", "tokens" (with tokenize), "n_skipped"} for one rank; latent
     samples not of latent_shape (C, h, w; default: the first sample's) are skipped and counted."""
+    urls = check_data(cfg, world_size)
+    return Loader(ShardStream(cfg, urls, rank, world_size, seed, tokenize, latent_shape), cfg.num_workers,
+                  epoch_length)
+
+
+def check_data(cfg: DataConfig, world_size: int = 1) -> list[str]:
+    """The shard list of a DataConfig, or a DataError saying what to fix."""
     if not cfg.shards:
         raise DataError("data.shards is empty; set it to your shards, e.g. data.shards: 'data/x-{000000..000009}.tar'")
     if cfg.batch_size < 1 or cfg.resolution < 1 or cfg.num_workers < 0:
@@ -331,8 +338,7 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: in
                         f"{readers} readers: with data.resample: false each reader needs its own shard, or training "
                         f"hangs. Set data.resample: true, write at least {readers} shards (make-shards --per-shard), "
                         f"or lower data.num_workers")
-    return Loader(ShardStream(cfg, urls, rank, world_size, seed, tokenize, latent_shape), cfg.num_workers,
-                  epoch_length)
+    return urls
 
 
 def _print_summary(what: str, summary: dict, t0: float):

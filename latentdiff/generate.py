@@ -128,8 +128,10 @@ def params_from_png(path: str) -> dict:
             except ValueError:
                 raise UsageError(f"{path}: bad {key!r} value {raw[key]!r} in its parameters") from None
     if "Size" in raw:
-        w, _, h = raw["Size"].partition("x")
-        out["width"], out["height"] = int(w), int(h)
+        size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", raw["Size"])
+        if size is None:
+            raise UsageError(f"{path}: bad 'Size' value {raw['Size']!r} in its parameters (expected WIDTHxHEIGHT)")
+        out["width"], out["height"] = int(size[1]), int(size[2])
     return out
 
 
@@ -284,6 +286,10 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
                    guidance=settings["guidance"], strength=args.strength if init_image else None)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    layers = pipe.config.text.layers
+    if args.clip_skip is not None and not 1 <= args.clip_skip <= layers:
+        raise UsageError(f"--clip-skip must be between 1 (the last layer) and {layers} for this model's text "
+                         f"encoder (got {args.clip_skip})")
 
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
