@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .generate import ArgumentParser
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the loader decodes, in order of preference
 ORIENTATION = 0x0112  # the EXIF tag saying how to rotate or mirror the stored pixels for display
@@ -143,6 +146,7 @@ class _Fatal(Exception):
 
 
 MAX_FAILURES_IN_A_ROW = 1000
+MAX_RESOLUTION, MAX_WORKERS = 16384, 256  # beyond these a typo, not a plan: refused before memory or processes run out
 SHUFFLE_START = 100
 
 
@@ -281,6 +285,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
+def ignore_stop_signals(worker_id: int):
+    """Loader workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then ends them."""
+    # A signal to the whole process group (timeout -s TERM, scancel, a container stop) reaches the workers too,
+    # and torch's worker handler dies on SIGTERM, which would end the run without its checkpoint.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Loader:
     """Iterable of batches. Without epoch_length one `for` loop is one pass (endless when resampling); with it,
     each `for` loop yields exactly epoch_length batches from one endless stream, so every rank steps equally."""
@@ -292,7 +304,8 @@ class Loader:
     def _dataloader(self):
         return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                            prefetch_factor=4 if self.num_workers else None,
-                                           pin_memory=torch.cuda.is_available())
+                                           pin_memory=torch.cuda.is_available(),
+                                           worker_init_fn=ignore_stop_signals if self.num_workers else None)
 
     def __len__(self):
         if self.epoch_length is None:
@@ -328,6 +341,9 @@ def check_data(cfg: DataConfig, world_size: int = 1) -> list[str]:
         raise DataError("data.shards is empty; set it to your shards, e.g. data.shards: 'data/x-{000000..000009}.tar'")
     if cfg.batch_size < 1 or cfg.resolution < 1 or cfg.num_workers < 0:
         raise DataError("data.batch_size and data.resolution must be >= 1 and data.num_workers >= 0")
+    if cfg.resolution > MAX_RESOLUTION or cfg.num_workers > MAX_WORKERS:
+        raise DataError(f"data.resolution is at most {MAX_RESOLUTION} and data.num_workers at most {MAX_WORKERS} "
+                        f"(got {cfg.resolution} and {cfg.num_workers})")
     if not 0.0 <= cfg.caption_dropout <= 1.0:
         raise DataError(f"data.caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
     urls = expand_shards(cfg.shards)
@@ -361,7 +377,7 @@ def _print_summary(what: str, summary: dict, t0: float):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m latentdiff.data", description=__doc__,
+    p = ArgumentParser(prog="python -m latentdiff.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Train on the result with data.shards: 'DIR/PREFIX-{000000..00000N}.tar'.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -399,12 +415,16 @@ def main(argv=None):
 
     t0 = time.time()
     try:
+        if getattr(args, "per_shard", 1) < 1:
+            raise DataError(f"--per-shard must be >= 1, got {args.per_shard}")
         if args.cmd == "make-shards":
             _print_summary("make-shards", make_shards(args.src, args.out, args.per_shard, args.captions, args.prefix,
                                                       args.overwrite), t0)
         elif args.cmd == "encode-shards":
             if args.batch_size < 1:
                 raise DataError("--batch-size must be >= 1")
+            if args.resolution is not None and args.resolution < 8:
+                raise DataError("--resolution must be >= 8")
             _print_summary("encode-shards", encode_shards(args.src, args.out, args.checkpoint, args.resolution,
                                                           args.batch_size, args.device, args.hflip, args.overwrite),
                            t0)

@@ -29,7 +29,6 @@ def encode_shards(src, out, checkpoint, resolution: int | None = None, batch_siz
 
     urls = expand_shards(src)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     targets = [out / os.path.basename(u) for u in urls]
     if len(set(targets)) != len(targets):
         raise DataError("input shards have repeated file names; encode each folder into its own --out")
@@ -44,6 +43,12 @@ def encode_shards(src, out, checkpoint, resolution: int | None = None, batch_siz
         models = load_models(str(checkpoint), torch.device(device), torch.float32)
     except (CheckpointError, FileNotFoundError) as e:
         raise DataError(f"cannot load --checkpoint {checkpoint}: {e}") from None
+    except RuntimeError as e:  # torch.device("bogus")
+        raise DataError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    try:  # made only now, so a refused run leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create --out {out}: {e.strerror or e}; choose another folder") from None
     vae = models.vae.eval()
     resolution = resolution or models.config.image_size
     skipped: Counter = Counter()

@@ -12,7 +12,6 @@ latents would grade it by its own ruler). Nearest neighbours use 16x16 RGB; the 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .files import atomic_write
-from .generate import UsageError
+from .generate import ArgumentParser, UsageError
 
 
 def load_reference(data_dir: str | Path, resolution: int | None = None, limit: int | None = None,
@@ -207,7 +206,7 @@ def side_by_side(generated: torch.Tensor, reference: torch.Tensor, nearest: torc
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m latentdiff.evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m latentdiff.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="model to evaluate (default: the bundled emoji model)")
     p.add_argument("--data", required=True, help="reference folder with index.jsonl (python -m latentdiff.data emoji)")
     p.add_argument("--shards", help="only the references from these shards of --data (brace pattern, e.g. "

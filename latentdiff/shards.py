@@ -45,7 +45,10 @@ class ShardWriter:
         if per_shard < 1:
             raise DataError(f"--per-shard must be >= 1, got {per_shard}")
         self.out, self.prefix, self.per_shard = Path(out_dir), prefix, per_shard
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create --out {self.out}: {e.strerror or e}; choose another folder") from None
         self.old = sorted(self.out.glob(f"{prefix}-[0-9]*.tar"))
         if self.old and not overwrite:
             raise DataError(f"{self.out} already holds {len(self.old)} shard(s) named {prefix}-*.tar; pass "

@@ -25,7 +25,6 @@ depends on the step (shards are resampled, so no position within an epoch is kep
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import copy
@@ -49,10 +48,11 @@ import yaml
 from tqdm import tqdm
 
 from . import diffusion
-from .checkpoint import CheckpointError, Models, build_models as build_fresh, load_models, save_models
+from .checkpoint import CheckpointError, Models, build_models as build_fresh, config_problem, load_models, save_models
 from .config import ConfigError, ModelConfig, from_dict, load_yaml, parse_overrides, to_dict
 from .data import DataConfig, DataError, check_data, make_loader
 from .files import atomic_write
+from .generate import ArgumentParser
 from .schedule import Schedule
 
 
@@ -124,6 +124,10 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
                           "train.stage=unet and without train.init")
     checks = [
         (train.steps >= 1, f"train.steps must be at least 1 (got {train.steps})"),
+        (math.isfinite(train.lr) and train.lr >= 0, f"train.lr must be a number >= 0 (got {train.lr})"),
+        (train.warmup_steps >= 0, f"train.warmup_steps must be at least 0 (got {train.warmup_steps})"),
+        (math.isfinite(train.grad_clip) and train.grad_clip >= 0,
+         f"train.grad_clip must be >= 0, 0 turning clipping off (got {train.grad_clip})"),
         (train.timestep_bias >= 0.0, f"train.timestep_bias must be at least 0, 0 being uniform (got {train.timestep_bias})"),
         (train.grad_accum >= 1, f"train.grad_accum must be at least 1 (got {train.grad_accum})"),
         (train.keep_last >= 1, f"train.keep_last must be at least 1 (got {train.keep_last})"),
@@ -143,6 +147,9 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
         if not ok:
             raise ConfigError(message)
     if model is not None:
+        problem = config_problem(model)
+        if problem:
+            raise ConfigError(f"model: {problem}")
         check_weighting(model, train)
     return model, data, train
 
@@ -565,8 +572,8 @@ class Tokenizer:
 
 
 class StopRequested:
-    """SIGTERM / SIGINT set a flag; the loop saves at the end of the step. Installed before the loader forks its
-    workers, so they inherit it and keep running instead of dying under the main process."""
+    """SIGTERM / SIGINT set a flag; the loop saves at the end of the step. Loader workers ignore both signals
+    (data.ignore_stop_signals), so a signal to the whole process group stops the run the same way."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -813,7 +820,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m latentdiff.train",
         description="Train the VAE or the latent U-Net on webdataset shards (run under torchrun for DDP).",
         epilog="Any config key can be overridden: --train.lr=1e-4 --data.batch_size=16 --model.unet.model_channels=64")
