@@ -85,7 +85,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
-    install_requires=["torch>=2.4", "open_clip_torch>=2.20", "ninja", "pybind11", "webdataset>=0.2.80", "einops",
+    install_requires=["torch>=2.4", "open_clip_torch>=2.26.1", "ninja", "pybind11", "webdataset>=0.2.80", "einops",
                       "safetensors>=0.4", "pillow", "tqdm", "pyyaml"],
     extras_require={"data": ["emoji>=2.10"],  # emoji aliases for `python -m latentdiff.data emoji`
                     "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "emoji>=2.10"]},

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from latentdiff import train as train_mod
-from latentdiff.data import DataConfig, make_loader, write_tar
+from latentdiff.data import DataConfig, make_loader
+from latentdiff.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -242,8 +242,11 @@ def detect_config(state: dict[str, torch.Tensor], metadata: dict[str, str], pred
         raise CheckpointError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
     if CONFIG_KEY in metadata:
         try:
-            cfg = from_dict(ModelConfig, json.loads(metadata[CONFIG_KEY]), "model")
-        except (ValueError, TypeError) as e:
+            stored = json.loads(metadata[CONFIG_KEY])
+            if _depth(stored) > MAX_CONFIG_DEPTH:
+                raise ValueError(f"nested more than {MAX_CONFIG_DEPTH} levels deep")
+            cfg = from_dict(ModelConfig, stored, "model")
+        except (ValueError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{name}: the stored latentdiff config is invalid ({_first_line(e)})") from None
     else:
         sdxl_g = any(k.startswith(SDXL_G_PREFIX) for k in state)
@@ -265,6 +268,65 @@ def detect_config(state: dict[str, torch.Tensor], metadata: dict[str, str], pred
     if prediction is not None:
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, prediction=prediction))
     return cfg
+
+
+MAX_CONFIG_DEPTH = 4  # ModelConfig -> unet -> channel_mult -> a number: anything deeper is not a config
+
+
+def _depth(obj) -> int:
+    """Nesting depth of parsed JSON, without recursion (a hostile file may nest thousands of levels)."""
+    depth, level = 0, [obj]
+    while level:
+        depth += 1
+        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
+        if depth > MAX_CONFIG_DEPTH:
+            break
+    return depth - 1
+
+
+def _ints(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def config_problem(config: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> str | None:
+    """Why building `config` would fail or run away, checked before anything is built: sizes out of range, norm
+    groups or heads that do not divide their widths, or more parameters than the file's tensors hold."""
+    u, v, t = config.unet, config.vae, config.text
+    ranges = [("image_size", config.image_size, 8, 1 << 16), ("diffusion.num_timesteps",
+              config.diffusion.num_timesteps, 2, 100_000), ("sampling.steps", config.sampling.steps, 1, 10_000)]
+    for part, fields in (("unet", ("in_channels", "out_channels", "model_channels", "num_res_blocks", "norm_groups",
+                                   "context_dim", "channel_mult")),
+                         ("vae", ("in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "embed_dim",
+                                  "norm_groups", "ch_mult")),
+                         ("text", ("vocab_size", "context_length", "width", "layers", "heads"))):
+        for f in fields:
+            ranges += [(f"{part}.{f}", x, 1, 1 << 20) for x in _ints(getattr(getattr(config, part), f))]
+    ranges += [("unet.transformer_depth", x, 0, 16) for x in _ints(u.transformer_depth)]
+    ranges += [("unet.num_res_blocks", u.num_res_blocks, 1, 16), ("vae.num_res_blocks", v.num_res_blocks, 1, 16)]
+    ranges += [("unet.channel_mult length", len(u.channel_mult), 1, 8), ("vae.ch_mult length", len(v.ch_mult), 1, 8)]
+    for name, x, low, high in ranges:
+        if not isinstance(x, int) or not low <= x <= high:
+            return f"{name} is {x!r}, outside {low}..{high}"
+    if not (u.num_heads >= 1 or (u.num_heads == -1 and u.num_head_channels >= 1)):
+        return f"unet.num_heads is {u.num_heads} (num_head_channels {u.num_head_channels}): no attention heads"
+    widths = [("unet", u.model_channels * m, u.norm_groups) for m in u.channel_mult]
+    widths += [("vae", v.ch * m, v.norm_groups) for m in v.ch_mult]
+    for part, width, groups in widths:
+        if width % groups:
+            return f"{part}.norm_groups {groups} does not divide a width of {width} channels"
+    heads = [u.model_channels * m // u.num_head_channels if u.num_heads == -1 else u.num_heads for m in u.channel_mult]
+    if any(h < 1 or (u.model_channels * m) % h for h, m in zip(heads, u.channel_mult)) or t.width % t.heads:
+        return "the attention heads do not divide the widths of the U-Net or the text encoder"
+    # A lower bound on the parameters the config builds (the second 3x3 conv of every residual block, the text
+    # encoder's embeddings and attention/MLP weights). Orders of magnitude above what the file holds is a config
+    # that would take minutes or all memory to build; a nearer mismatch gets the per-key report after building.
+    least = sum((2 * u.num_res_blocks + 1) * 9 * (u.model_channels * m) ** 2 for m in u.channel_mult)
+    least += sum((2 * v.num_res_blocks + 1) * 9 * (v.ch * m) ** 2 for m in v.ch_mult)
+    least += (t.vocab_size + t.context_length) * t.width + t.layers * int(4 + 2 * t.mlp_ratio) * t.width ** 2
+    held = None if state is None else sum(x.numel() for x in state.values())
+    if held is not None and least > 1000 * held:
+        return f"the config describes at least {least:,} parameters, but the file holds {held:,}"
+    return None
 
 
 def _unet_from_shapes(ucfg, state):
@@ -331,9 +393,12 @@ def load_models(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torc
         config = detect_config(state, metadata, prediction, name=str(path))
     elif prediction is not None:
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, prediction=prediction))
+    problem = config_problem(config, state)
+    if problem:
+        raise CheckpointError(f"{path}: cannot build the {config.name} model: {problem}")
     try:
         models = _meta_models(config)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, ArithmeticError, AssertionError) as e:
         raise CheckpointError(f"{path}: cannot build the {config.name} model ({_first_line(e)})") from None
     try:
         parts, unexpected = split_state_dict(state, models.unet.state_dict().keys(), ema=ema)
@@ -388,13 +453,13 @@ def swap_vae(models: Models, other: Models, src_name, vae_name) -> Models:
 
 def main(argv=None) -> int:
     """`python -m latentdiff.checkpoint SRC OUT`: any checkpoint we load -> one of our .safetensors files."""
-    import argparse
     import sys
 
     from .config import ConfigError, merge, parse_overrides
-    p = argparse.ArgumentParser(prog="python -m latentdiff.checkpoint",
-                                description="Convert a checkpoint (SD 1.x / 2.x / SDXL or latentdiff, .safetensors or "
-                                            ".ckpt) into a latentdiff .safetensors file, e.g. fp16 for shipping.")
+    from .generate import ArgumentParser
+    p = ArgumentParser(prog="python -m latentdiff.checkpoint",
+                       description="Convert a checkpoint (SD 1.x / 2.x / SDXL or latentdiff, .safetensors or "
+                                   ".ckpt) into a latentdiff .safetensors file, e.g. fp16 for shipping.")
     p.add_argument("src")
     p.add_argument("out", help="output .safetensors path (written atomically)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
@@ -414,9 +479,15 @@ def main(argv=None) -> int:
         if args.set:
             over = parse_overrides(["--" + s.lstrip("-") for s in args.set])
             config = from_dict(ModelConfig, merge(to_dict(config), over), "config")
+            problem = config_problem(config, state_dict_for(models))
+            if problem:
+                raise CheckpointError(f"--set: {problem}")
         kept = {k: v for k, v in metadata.items() if k != CONFIG_KEY}
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-        save_models(args.out, config, models.unet, models.vae, models.text, dtype=dtype, extra_metadata=kept)
+        try:
+            save_models(args.out, config, models.unet, models.vae, models.text, dtype=dtype, extra_metadata=kept)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {args.out}: {e.strerror or e}; choose another path") from None
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {_first_line(e, named=False)}", file=sys.stderr)  # our messages name the problem
         return 2

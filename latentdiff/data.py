@@ -1,8 +1,8 @@
-"""Webdataset shards in and out: the training loader, and the tools that write shards.
+"""Webdataset shards in: the training loader, and the command line of the shard tools.
 
-    python -m latentdiff.data make-shards SRC --out DIR         images + captions -> tar shards
-    python -m latentdiff.data encode-shards 'DIR/x-{000000..000009}.tar' --out LATDIR --checkpoint CKPT
-    python -m latentdiff.data emoji --out DIR                   the Noto Color Emoji set (the bundled model's data)
+    python -m latentdiff.data make-shards SRC --out DIR         images + captions -> tar shards (shards.py)
+    python -m latentdiff.data encode-shards 'DIR/x-{000000..000009}.tar' --out LATDIR --checkpoint CKPT  (encode.py)
+    python -m latentdiff.data emoji --out DIR                   the Noto Color Emoji set (emoji.py)
 
 A shard is a plain tar of samples that share a key: `KEY.jpg` or `KEY.png` (the image), `KEY.txt` (the caption),
 `KEY.json` (width, height, source; emoji add name/captions), or `KEY.latent.npy` in latent shards.
@@ -10,29 +10,25 @@ A shard is a plain tar of samples that share a key: `KEY.jpg` or `KEY.png` (the 
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import io
 import json
 import os
 import random
-import re
+import signal
 import sys
-import tarfile
 import time
-import unicodedata
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .files import atomic_write
+from .generate import ArgumentParser
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the loader decodes, in order of preference
-SOURCE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what make-shards accepts
+ORIENTATION = 0x0112  # the EXIF tag saying how to rotate or mirror the stored pixels for display
 
 
 @dataclass(frozen=True)
@@ -94,10 +90,7 @@ def load_image(data: bytes, resolution: int) -> Image.Image:
     if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale in the DCT domain when that still covers `resolution`
         img.draft("RGB", (resolution, resolution))
     img.load()  # a truncated file fails here rather than later
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)
@@ -106,6 +99,20 @@ def load_image(data: bytes, resolution: int) -> Image.Image:
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
     return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled, alpha on white."""
+    if img.getexif().get(ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # convert() would clip these to 255; 65535 maps to 255 (mode I from 16-bit files holds 0..65535 too).
+        v = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(v / 257.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -139,6 +146,7 @@ class _Fatal(Exception):
 
 
 MAX_FAILURES_IN_A_ROW = 1000
+MAX_RESOLUTION, MAX_WORKERS = 16384, 256  # beyond these a typo, not a plan: refused before memory or processes run out
 SHUFFLE_START = 100
 
 
@@ -153,10 +161,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     flips and caption dropout differ across ranks and workers and are reproducible for a given seed.
     """
 
-    def __init__(self, cfg: DataConfig, urls: list[str], rank: int, world_size: int, seed: int, tokenize=None):
+    def __init__(self, cfg: DataConfig, urls: list[str], rank: int, world_size: int, seed: int, tokenize=None,
+                 latent_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.cfg, self.urls, self.rank, self.world_size, self.seed = cfg, urls, rank, world_size, seed
         self.tokenize = tokenize
+        self.latent_shape = tuple(latent_shape) if latent_shape else None  # None: the first good sample's
         self.epoch = 0
         self.repeat = False  # read the (split) shard list forever, a new shuffle each pass
 
@@ -189,11 +199,20 @@ class ShardStream(torch.utils.data.IterableDataset):
                                 f"{type(exc).__name__}: {exc}, in {where}); check the shards (and that "
                                 f"data.latents matches what they hold)") from None
 
-        def on_error(exc):  # unreadable tar files or members: count and go on
-            failed(exc, "a tar file")
+        opened, counted = [0], [-1]
+
+        def shards():
+            for shard in self._shards(rng, worker, num_workers):
+                opened[0] += 1
+                yield shard
+
+        def on_error(exc):  # unreadable tar files or members: count once per tar read and go on
+            if counted[0] != opened[0]:  # webdataset reports a truncated tar twice, at the member and at the file
+                counted[0] = opened[0]
+                failed(exc, "a tar file")
             return True
 
-        samples = wds.tarfile_samples(self._shards(rng, worker, num_workers), handler=on_error)
+        samples = wds.tarfile_samples(shards(), handler=on_error)
         buffer: list[dict] = []
         batch: list[dict] = []
         bufsize, read = max(1, self.cfg.shuffle_buffer), 0
@@ -237,8 +256,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             if flip and "latent_flip.npy" not in sample:
                 raise _Fatal("data.hflip is true but these latent shards hold no flipped latents; re-run "
                              "encode-shards with --hflip, or set data.hflip: false")
-            x = torch.from_numpy(_npy(sample["latent_flip.npy" if flip else "latent.npy"]).astype(np.float32))
-            return {"latents": x, "caption": caption}
+            x = _npy(sample["latent_flip.npy" if flip else "latent.npy"])
+            # A mis-shaped latent would fail the batch's torch.stack, outside this per-sample check: refuse it here.
+            if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(f"latent of shape {x.shape} and dtype {x.dtype}; expected a (C, h, w) float array")
+            if self.latent_shape is None:
+                self.latent_shape = x.shape
+            if x.shape != self.latent_shape:
+                raise ValueError(f"latent of shape {x.shape}; expected {self.latent_shape}")
+            if not np.isfinite(x).all():
+                raise ValueError("latent holds NaN or infinite values")
+            return {"latents": torch.from_numpy(x.astype(np.float32)), "caption": caption}
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise KeyError("sample has no image")
@@ -257,6 +285,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
+def ignore_stop_signals(worker_id: int):
+    """Loader workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then ends them."""
+    # A signal to the whole process group (timeout -s TERM, scancel, a container stop) reaches the workers too,
+    # and torch's worker handler dies on SIGTERM, which would end the run without its checkpoint.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Loader:
     """Iterable of batches. Without epoch_length one `for` loop is one pass (endless when resampling); with it,
     each `for` loop yields exactly epoch_length batches from one endless stream, so every rank steps equally."""
@@ -268,7 +304,8 @@ class Loader:
     def _dataloader(self):
         return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                            prefetch_factor=4 if self.num_workers else None,
-                                           pin_memory=torch.cuda.is_available())
+                                           pin_memory=torch.cuda.is_available(),
+                                           worker_init_fn=ignore_stop_signals if self.num_workers else None)
 
     def __len__(self):
         if self.epoch_length is None:
@@ -290,12 +327,23 @@ class Loader:
 
 
 def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, tokenize=None,
-                epoch_length: int | None = None) -> Loader:
-    """Batches {"pixels" | "latents", "captions", "tokens" (with tokenize), "n_skipped"} for one rank."""
+                epoch_length: int | None = None, latent_shape: tuple[int, ...] | None = None) -> Loader:
+    """Batches {"pixels" | "latents", "captions", "tokens" (with tokenize), "n_skipped"} for one rank; latent
+    samples not of latent_shape (C, h, w; default: the first sample's) are skipped and counted."""
+    urls = check_data(cfg, world_size)
+    return Loader(ShardStream(cfg, urls, rank, world_size, seed, tokenize, latent_shape), cfg.num_workers,
+                  epoch_length)
+
+
+def check_data(cfg: DataConfig, world_size: int = 1) -> list[str]:
+    """The shard list of a DataConfig, or a DataError saying what to fix."""
     if not cfg.shards:
         raise DataError("data.shards is empty; set it to your shards, e.g. data.shards: 'data/x-{000000..000009}.tar'")
     if cfg.batch_size < 1 or cfg.resolution < 1 or cfg.num_workers < 0:
         raise DataError("data.batch_size and data.resolution must be >= 1 and data.num_workers >= 0")
+    if cfg.resolution > MAX_RESOLUTION or cfg.num_workers > MAX_WORKERS:
+        raise DataError(f"data.resolution is at most {MAX_RESOLUTION} and data.num_workers at most {MAX_WORKERS} "
+                        f"(got {cfg.resolution} and {cfg.num_workers})")
     if not 0.0 <= cfg.caption_dropout <= 1.0:
         raise DataError(f"data.caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
     urls = expand_shards(cfg.shards)
@@ -306,176 +354,7 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: in
                         f"{readers} readers: with data.resample: false each reader needs its own shard, or training "
                         f"hangs. Set data.resample: true, write at least {readers} shards (make-shards --per-shard), "
                         f"or lower data.num_workers")
-    return Loader(ShardStream(cfg, urls, rank, world_size, seed, tokenize), cfg.num_workers, epoch_length)
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing shards
-
-
-def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes):
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: same input, same shard bytes
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_tar(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]):
-    """Write [(key, {ext: bytes})] as one tar, atomically: a temp file in the same folder, then os.replace."""
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, files in samples:
-                for ext, data in files.items():
-                    _tar_bytes(tar, f"{key}.{ext}", data)
-
-
-class ShardWriter:
-    """Collect samples and write DIR/PREFIX-000000.tar, -000001.tar, ... of `per_shard` samples each."""
-
-    def __init__(self, out_dir, prefix: str = "data", per_shard: int = 1000, overwrite: bool = False):
-        if per_shard < 1:
-            raise DataError(f"--per-shard must be >= 1, got {per_shard}")
-        self.out, self.prefix, self.per_shard = Path(out_dir), prefix, per_shard
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.old = sorted(self.out.glob(f"{prefix}-[0-9]*.tar"))
-        if self.old and not overwrite:
-            raise DataError(f"{self.out} already holds {len(self.old)} shard(s) named {prefix}-*.tar; pass "
-                            f"--overwrite to replace them, or choose another --out or --prefix")
-        self.pending: list[tuple[str, dict[str, bytes]]] = []
-        self.paths: list[Path] = []
-        self.count = 0
-
-    def write(self, key: str, files: dict[str, bytes]) -> str:
-        """Queue one sample; returns the name of the shard it goes into."""
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits keys at the dot)")
-        self.pending.append((key, files))
-        self.count += 1
-        name = f"{self.prefix}-{len(self.paths):06d}.tar"
-        if len(self.pending) == self.per_shard:
-            self._flush()
-        return name
-
-    def _flush(self):
-        if self.pending:
-            path = self.out / f"{self.prefix}-{len(self.paths):06d}.tar"
-            write_tar(path, self.pending)
-            self.paths.append(path)
-            self.pending = []
-
-    def close(self) -> list[Path]:
-        self._flush()
-        for stale in set(self.old) - set(self.paths):  # left over from a larger earlier run
-            stale.unlink()
-        return self.paths
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            self.close()
-
-
-def _image_record(path: Path, source: str) -> dict[str, bytes]:
-    """Check one image decodes fully; keep JPEG/PNG bytes as they are, re-encode other formats as PNG."""
-    data = path.read_bytes()
-    img = Image.open(io.BytesIO(data))
-    fmt = img.format
-    img.load()
-    meta = {"width": img.width, "height": img.height, "source": source}
-    if fmt == "JPEG":
-        ext = "jpg"
-    elif fmt == "PNG":
-        ext = "png"
-    else:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        data, ext = buf.getvalue(), "png"
-    return {ext: data, "json": json.dumps(meta).encode()}
-
-
-def _read_caption_list(path: Path) -> list[tuple[int, str, str | None]]:
-    """(line number, image path, caption or None when the line is unreadable) from a CSV or JSONL file."""
-    rows: list[tuple[int, str, str | None]] = []
-    if not path.is_file():
-        raise DataError(f"captions file {path} not found")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
-                raise DataError(f"{path} needs a header row with columns 'path' and 'caption' "
-                                f"(found {reader.fieldnames})")
-            for row in reader:
-                rows.append((reader.line_num, row["path"] or "", row["caption"]))
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((n, str(obj["path"]), str(obj["caption"])))
-            except (ValueError, KeyError, TypeError):
-                rows.append((n, "", None))
-    else:
-        raise DataError(f"captions file {path} must be .csv (columns path,caption) or .jsonl "
-                        f'({{"path": ..., "caption": ...}} per line)')
-    return rows
-
-
-def make_shards(src, out, per_shard: int = 1000, captions=None, prefix: str = "data", overwrite: bool = False,
-                progress: bool = True) -> dict:
-    """Images with captions -> shards. Returns {"written", "shards", "skipped": {reason: n}, "examples"}."""
-    from tqdm import tqdm
-
-    src = Path(src)
-    if captions is None and src.is_file():
-        captions, src = src, src.parent  # SRC is itself the CSV/JSONL: paths are relative to its folder
-    if not src.is_dir():
-        raise DataError(f"source {src} is not a folder of images (or a .csv/.jsonl captions file)")
-    if captions is not None:
-        items = [(n, src / p if p else None, c) for n, p, c in _read_caption_list(Path(captions))]
-    else:
-        images = sorted(p for p in src.rglob("*") if p.suffix.lower() in SOURCE_EXTS and p.is_file())
-        items = [(n, p, p.with_suffix(".txt")) for n, p in enumerate(images)]  # captions are read as we go
-    if not items:
-        raise DataError(f"no images found in {src} (looked for {', '.join(sorted(SOURCE_EXTS))})")
-
-    skipped: Counter = Counter()
-    examples: dict[str, str] = {}
-
-    def skip(reason, what):
-        skipped[reason] += 1
-        examples.setdefault(reason, str(what))
-
-    with ShardWriter(out, prefix, per_shard, overwrite) as writer:
-        for n, path, caption in tqdm(items, desc="make-shards", unit="img", disable=not progress):
-            if path is None:
-                skip("unreadable line in the captions file", f"{captions}:{n}")
-                continue
-            if isinstance(caption, Path):
-                try:
-                    caption = caption.read_text(encoding="utf-8") if caption.exists() else None
-                except (OSError, UnicodeDecodeError) as e:
-                    skip(f"unreadable caption file ({type(e).__name__})", path)
-                    continue
-            if caption is None:
-                skip("no caption", path)
-                continue
-            if not caption.strip():
-                skip("empty caption", path)
-                continue
-            if not path.is_file():
-                skip("image file missing", path)
-                continue
-            try:
-                record = _image_record(path, os.path.relpath(path, src))
-            except Exception as e:
-                skip(f"undecodable image ({type(e).__name__})", path)
-                continue
-            writer.write(f"{writer.count:09d}", {**record, "txt": caption.strip().encode("utf-8")})
-        written = writer.count
-    return {"written": written, "shards": [str(p) for p in writer.paths], "skipped": dict(skipped),
-            "examples": examples}
+    return urls
 
 
 def _print_summary(what: str, summary: dict, t0: float):
@@ -494,290 +373,11 @@ def _print_summary(what: str, summary: dict, t0: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# encode-shards: image shards -> latent shards
-
-
-def encode_shards(src, out, checkpoint, resolution: int | None = None, batch_size: int = 32, device: str = "cpu",
-                  hflip: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Encode every image once with the VAE (posterior mode, scaled) and write one latent shard per input shard.
-
-    The mode (the posterior mean) is deterministic, so the latents are a fixed function of the image; the
-    sampling noise of the KL posterior is small next to the diffusion noise added during training.
-    """
-    import webdataset as wds
-    from tqdm import tqdm
-
-    from .checkpoint import CheckpointError, load_models
-
-    urls = expand_shards(src)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    targets = [out / os.path.basename(u) for u in urls]
-    if len(set(targets)) != len(targets):
-        raise DataError("input shards have repeated file names; encode each folder into its own --out")
-    clash = [str(t) for t, u in zip(targets, urls) if os.path.exists(u) and t.exists() and t.samefile(u)]
-    if clash:
-        raise DataError(f"--out would overwrite the input shard {clash[0]}; choose another --out folder")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise DataError(f"{existing[0]} exists ({len(existing)} output shard(s) do); pass --overwrite or another --out")
-
-    try:
-        models = load_models(str(checkpoint), torch.device(device), torch.float32)
-    except (CheckpointError, FileNotFoundError) as e:
-        raise DataError(f"cannot load --checkpoint {checkpoint}: {e}") from None
-    vae = models.vae.eval()
-    resolution = resolution or models.config.image_size
-    skipped: Counter = Counter()
-    examples: dict[str, str] = {}
-    written = 0
-
-    def on_error(exc):
-        skipped[f"unreadable tar member ({type(exc).__name__})"] += 1
-        return True
-
-    @torch.no_grad()
-    def encode(pixels):
-        return vae.encode(pixels.to(device)).float().cpu().numpy()
-
-    def encode_batch(images, records, done):
-        pixels = torch.stack([to_tensor(img) for img in images])
-        lat = encode(pixels)
-        lat_flip = encode(pixels.flip(-1)) if hflip else None
-        for i, (key, caption, meta) in enumerate(records):
-            files = {"txt": caption, "latent.npy": _npy_bytes(lat[i])}
-            if lat_flip is not None:
-                files["latent_flip.npy"] = _npy_bytes(lat_flip[i])
-            meta["latent"] = {"shape": list(lat[i].shape), "resolution": resolution, "posterior": "mode",
-                              "scale_factor": models.config.vae.scale_factor, "checkpoint": Path(checkpoint).name}
-            files["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-            done.append((key, files))
-
-    for url, target in tqdm(list(zip(urls, targets)), desc="encode-shards", unit="shard", disable=not progress):
-        done: list[tuple[str, dict[str, bytes]]] = []
-        images, records = [], []
-        for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
-            key = os.path.basename(sample["__key__"])
-            try:
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                if ext is None:
-                    raise KeyError("no image")
-                img = load_image(sample[ext], resolution)
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-                caption = sample["txt"]
-            except Exception as e:
-                reason = f"undecodable sample ({type(e).__name__})"
-                skipped[reason] += 1
-                examples.setdefault(reason, f"{url}:{key}")
-                continue
-            images.append(img)
-            records.append((key, caption, meta))
-            if len(images) == batch_size:
-                encode_batch(images, records, done)
-                images, records = [], []
-        if images:
-            encode_batch(images, records, done)
-        write_tar(target, done)
-        written += len(done)
-    return {"written": written, "shards": [str(t) for t in targets], "skipped": dict(skipped), "examples": examples}
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------
-# emoji: the Noto Color Emoji set
-
-
-EMOJI_FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf", "/usr/share/fonts/noto/NotoColorEmoji.ttf",
-                    "/usr/share/fonts/google-noto-emoji/NotoColorEmoji.ttf",
-                    "/usr/local/share/fonts/NotoColorEmoji.ttf", "/Library/Fonts/NotoColorEmoji.ttf")
-EMOJI_FONT_SIZE = 109  # the one strike size of the CBDT bitmaps in Noto Color Emoji
-# Blocks that hold the single-code-point emoji (Unicode emoji-data.txt; everything else there is text).
-EMOJI_RANGES = ((0xA9, 0xA9), (0xAE, 0xAE), (0x2000, 0x2BFF), (0x3000, 0x33FF), (0x1F000, 0x1FAFF))
-# Emoji components: they render, but are parts of sequences rather than pictures of a thing.
-EMOJI_COMPONENTS = (set(range(0x1F1E6, 0x1F200)) | set(range(0x1F3FB, 0x1F400)) | set(range(0x1F9B0, 0x1F9B4))
-                    | {0x20E3, 0x200D, 0xFE0F}
-                    | set(range(0xE0020, 0xE0080)))
-EMOJI_CREDIT = "Noto Color Emoji, © Google, SIL Open Font License 1.1"
-
-
-def find_emoji_font(path=None) -> str:
-    if path:
-        if not os.path.isfile(path):
-            raise DataError(f"font {path} not found; install it with `apt-get install fonts-noto-color-emoji`")
-        return str(path)
-    for p in EMOJI_FONT_PATHS:
-        if os.path.isfile(p):
-            return p
-    raise DataError("Noto Color Emoji font not found; install it with `apt-get install fonts-noto-color-emoji` "
-                    "or pass --font PATH")
-
-
-def load_emoji_font(path):
-    from PIL import ImageFont
-    try:
-        return ImageFont.truetype(str(path), EMOJI_FONT_SIZE)
-    except OSError as e:
-        raise DataError(f"cannot load {path} at size {EMOJI_FONT_SIZE} ({e}); pass a color emoji font") from None
-
-
-def render_emoji(font, text: str, resolution: int) -> Image.Image | None:
-    """Glyph on white, cropped to its visible pixels, padded to a centred square, LANCZOS-resized; None if blank."""
-    from PIL import ImageDraw
-
-    try:
-        left, top, right, bottom = font.getbbox(text)
-    except RuntimeError:  # the layout engine refuses some code points (line separators, ...)
-        return None
-    pad = 32  # colour bitmaps may overhang the reported box
-    canvas = Image.new("RGBA", (right - min(left, 0) + 2 * pad, bottom - min(top, 0) + 2 * pad), (0, 0, 0, 0))
-    try:
-        ImageDraw.Draw(canvas).text((pad - min(left, 0), pad - min(top, 0)), text, font=font, embedded_color=True)
-    except RuntimeError:
-        return None
-    box = canvas.getchannel("A").getbbox()
-    if box is None:
-        return None
-    glyph = canvas.crop(box)
-    side = max(glyph.size)
-    square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-    square = square.resize((resolution, resolution), Image.LANCZOS)  # Pillow premultiplies alpha for RGBA
-    white = Image.new("RGBA", square.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, square).convert("RGB")
-
-
-def emoji_captions(name: str, aliases=()) -> list[str]:
-    """'cat' -> ['a cat', 'an emoji of a cat', 'cat', *aliases]."""
-    article = "an" if name[:1] in "aeiou" else "a"
-    return [f"{article} {name}", f"an emoji of {article} {name}", name, *[a for a in aliases if a != name]]
-
-
-def _emoji_package():
-    try:
-        import emoji  # optional: CLDR names for emoji newer than this Python's unicodedata, and aliases
-        return emoji.EMOJI_DATA
-    except ImportError:
-        return None
-
-
-def _short_name(code: str) -> str:
-    """':thumbs_up:' -> 'thumbs up'."""
-    return code.strip(":").replace("_", " ").lower()
-
-
-def _emoji_entries(font, sequences: bool):
-    """(text, name, aliases) for every emoji the font draws, and a Counter of what was skipped and why."""
-    pkg = _emoji_package()
-    skipped: Counter = Counter()
-    entries = []
-
-    def pkg_entry(text):
-        return pkg and (pkg.get(text) or pkg.get(text + "\ufe0f"))
-
-    for lo, hi in EMOJI_RANGES:
-        for cp in range(lo, hi + 1):
-            ch = chr(cp)
-            try:
-                drawn = font.getmask(ch).getbbox() is not None
-            except RuntimeError:
-                drawn = False
-            if not drawn:
-                if pkg_entry(ch):
-                    skipped["blank (an emoji this font version does not draw)"] += 1
-                continue  # not in the font: not an emoji candidate
-            if cp in EMOJI_COMPONENTS:
-                skipped["emoji component (skin tone, hair style, regional indicator, keycap part)"] += 1
-                continue
-            name = unicodedata.name(ch, "").lower()
-            entry = pkg_entry(ch)
-            if not name and entry:
-                name = _short_name(entry["en"])
-            if not name:
-                version = unicodedata.unidata_version
-                skipped[f"no Unicode name (newer than unicodedata {version}; pip install emoji)"] += 1
-                continue
-            entries.append((ch, name, entry))
-    if sequences:
-        if pkg is None:
-            raise DataError("--sequences needs names for emoji sequences: pip install emoji")
-        glyph_width = font.getbbox("\U0001F408")[2]
-        for text, entry in sorted(pkg.items()):
-            base = text.replace("\ufe0f", "")
-            if len(base) < 2 or entry.get("status", 2) != 2:  # fully-qualified sequences only
-                continue
-            try:
-                width = font.getbbox(text)[2]
-            except RuntimeError:
-                width = 0
-            if not 0 < width <= 1.5 * glyph_width:  # the font has no ligature: it would draw the parts side by side
-                skipped["sequence the font does not join into one glyph"] += 1
-                continue
-            entries.append((text, _short_name(entry["en"]), entry))
-
-    # Aliases: readable words only, and never one that names another emoji (it would blur the captions).
-    names = Counter(name for _, name, _ in entries)
-    alias_lists = []
-    for _, name, entry in entries:
-        cand = [entry["en"], *entry.get("alias", [])] if entry else []
-        alias_lists.append(sorted({_short_name(a) for a in cand} - {name}))
-    uses = Counter(a for al in alias_lists for a in al)
-    out = []
-    for (text, name, _), al in zip(entries, alias_lists):
-        al = [a for a in al if re.fullmatch(r"[a-z][a-z ']*", a) and names[a] == 0 and uses[a] == 1]
-        out.append((text, name, al))
-    return out, skipped
-
-
-def _emoji_key(text: str) -> str:
-    return "u" + "_".join(f"{ord(c):x}" for c in text if c != "\ufe0f")
-
-
-def make_emoji_shards(out, resolution: int = 64, per_shard: int = 100, font_path=None, sequences: bool = False,
-                      overwrite: bool = False, progress: bool = True) -> dict:
-    """Render the emoji set to shards plus index.jsonl (codepoint, name, shard, key per emoji)."""
-    from PIL import features
-    from tqdm import tqdm
-
-    path = find_emoji_font(font_path)
-    if sequences and not features.check("raqm"):
-        raise DataError("--sequences needs Pillow built with libraqm (skin tones and ZWJ sequences are ligatures)")
-    font = load_emoji_font(path)
-    entries, skipped = _emoji_entries(font, sequences)
-    index = []
-    with ShardWriter(out, "emoji", per_shard, overwrite) as writer:
-        for text, name, aliases in tqdm(entries, desc="emoji", unit="img", disable=not progress):
-            img = render_emoji(font, text, resolution)
-            if img is None:
-                skipped["blank render"] += 1
-                continue
-            buf = io.BytesIO()
-            img.save(buf, format="PNG", optimize=True)
-            codepoint = " ".join(f"U+{ord(c):04X}" for c in text if c != "\ufe0f")
-            meta = {"width": resolution, "height": resolution, "source": f"{os.path.basename(path)} {codepoint}",
-                    "codepoint": codepoint, "name": name, "captions": emoji_captions(name, aliases),
-                    "aliases": aliases}
-            key = _emoji_key(text)
-            shard = writer.write(key, {"png": buf.getvalue(), "txt": name.encode("utf-8"),
-                                       "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
-            index.append({"codepoint": codepoint, "char": text, "name": name, "shard": shard, "key": key})
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index)
-    with atomic_write(Path(out) / "index.jsonl") as tmp:
-        tmp.write_text(lines, encoding="utf-8")
-    return {"written": writer.count, "shards": [str(p) for p in writer.paths], "skipped": dict(skipped),
-            "font": path, "aliases": _emoji_package() is not None}
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m latentdiff.data", description=__doc__,
+    p = ArgumentParser(prog="python -m latentdiff.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Train on the result with data.shards: 'DIR/PREFIX-{000000..00000N}.tar'.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -809,14 +409,22 @@ def main(argv=None):
     j.add_argument("--overwrite", action="store_true")
 
     args = p.parse_args(argv)
+    from .emoji import EMOJI_CREDIT, make_emoji_shards
+    from .encode import encode_shards
+    from .shards import make_shards
+
     t0 = time.time()
     try:
+        if getattr(args, "per_shard", 1) < 1:
+            raise DataError(f"--per-shard must be >= 1, got {args.per_shard}")
         if args.cmd == "make-shards":
             _print_summary("make-shards", make_shards(args.src, args.out, args.per_shard, args.captions, args.prefix,
                                                       args.overwrite), t0)
         elif args.cmd == "encode-shards":
             if args.batch_size < 1:
                 raise DataError("--batch-size must be >= 1")
+            if args.resolution is not None and args.resolution < 8:
+                raise DataError("--resolution must be >= 8")
             _print_summary("encode-shards", encode_shards(args.src, args.out, args.checkpoint, args.resolution,
                                                           args.batch_size, args.device, args.hflip, args.overwrite),
                            t0)

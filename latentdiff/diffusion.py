@@ -106,6 +106,10 @@ def _weight_table(schedule: Schedule, kind: str, prediction: str, gamma: float, 
             w = (1 - schedule.alphas_cumprod[idx]) * c1 ** 2 / (2 * var)
     else:
         raise ValueError(f"unknown loss weighting {kind!r}; choose one of {', '.join(LOSS_WEIGHTS)}")
+    if not torch.isfinite(w).all():
+        # Epsilon VLB at a zero-SNR step: alpha_T = 0, and an epsilon error means an unbounded x0 error there.
+        raise ValueError(f"loss weighting {kind} with {prediction} prediction is infinite at the zero-SNR last step "
+                         f"of this schedule; use v_prediction (Lin et al. 2023) or loss_weighting min_snr")
     return w.to(device=device, dtype=dtype)
 
 

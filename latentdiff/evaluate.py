@@ -12,10 +12,10 @@ latents would grade it by its own ruler). Nearest neighbours use 16x16 RGB; the 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .files import atomic_write
+from .generate import ArgumentParser, UsageError
+
 
 def load_reference(data_dir: str | Path, resolution: int | None = None, limit: int | None = None,
                    shards: list[str] | None = None):
@@ -40,13 +45,13 @@ def load_reference(data_dir: str | Path, resolution: int | None = None, limit: i
     data_dir = Path(data_dir)
     index = data_dir / "index.jsonl"
     if not index.exists():
-        raise SystemExit(f"evaluate: error: {index} not found; make it with python -m latentdiff.data emoji --out {data_dir}")
+        raise UsageError(f"{index} not found; make it with python -m latentdiff.data emoji --out {data_dir}")
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     if shards is not None:
         keep = {Path(p).name for p in shards}
         rows = [r for r in rows if Path(r["shard"]).name in keep]
         if not rows:
-            raise SystemExit(f"evaluate: error: no reference in {index} comes from the shards given")
+            raise UsageError(f"no reference in {index} comes from the shards given")
     if limit:
         step = max(1, len(rows) // limit)  # spread over the whole set rather than its first block
         rows = rows[::step][:limit]
@@ -201,9 +206,7 @@ def side_by_side(generated: torch.Tensor, reference: torch.Tensor, nearest: torc
 
 
 def main(argv=None) -> int:
-    from .generate import BUNDLED
-    from .pipeline import Pipeline
-    p = argparse.ArgumentParser(prog="python -m latentdiff.evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m latentdiff.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="model to evaluate (default: the bundled emoji model)")
     p.add_argument("--data", required=True, help="reference folder with index.jsonl (python -m latentdiff.data emoji)")
     p.add_argument("--shards", help="only the references from these shards of --data (brace pattern, e.g. "
@@ -222,9 +225,50 @@ def main(argv=None) -> int:
                    help="also noise each reference to these timesteps and denoise it in one step (the model's x0 "
                         "estimate) and iteratively (the sampler with --steps); PSNR to the reference and top-1")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, CheckpointError, ConfigError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
 
+
+def run(args) -> int:
+    """The evaluation of main's arguments: every argument is checked before the model is loaded."""
+    from .generate import BUNDLED
+    from .pipeline import Pipeline
+    from .samplers import get_sampler
+    timesteps = []
+    if args.denoise_from:
+        try:
+            timesteps = [int(v) for v in args.denoise_from.split(",")]
+        except ValueError:
+            raise UsageError(f"--denoise-from takes timesteps like 200,500 (got {args.denoise_from!r})") from None
+    for name, value, low in (("--limit", args.limit, 5), ("--batch-size", args.batch_size, 1),
+                             ("--steps", args.steps, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be at least {low} (got {value})"
+                             + ("; top-5 needs 5 references" if name == "--limit" else ""))
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be a finite number (got {args.guidance})")
+    if args.sampler is not None:
+        try:
+            get_sampler(args.sampler)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for name, path in (("--out", args.out), ("--sheet", args.sheet)):
+        if path and not (Path(path).parent.is_dir() and os.access(Path(path).parent, os.W_OK)):
+            raise UsageError(f"{name} {path}: its folder does not exist or is not writable")
+    if not (Path(args.data) / "index.jsonl").is_file():
+        raise UsageError(f"{Path(args.data) / 'index.jsonl'} not found; make it with python -m latentdiff.data "
+                         f"emoji --out {args.data}")
     checkpoint = args.checkpoint or str(BUNDLED)
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"checkpoint {checkpoint} not found" if args.checkpoint else
+                         "no bundled model in this installation; pass --checkpoint FILE")
     pipe = Pipeline.from_checkpoint(checkpoint, device=args.device)
+    for t in timesteps:
+        if not 1 <= t < pipe.schedule.num_timesteps:
+            raise UsageError(f"--denoise-from {t} is outside 1..{pipe.schedule.num_timesteps - 1}")
     d = pipe.config.sampling
     steps, sampler = args.steps or d.steps, args.sampler or d.sampler
     guidance = d.guidance if args.guidance is None else args.guidance
@@ -252,11 +296,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         pipe(["a cat"] * 16, steps=steps, sampler=sampler, guidance=guidance, seed=0, progress=False)
         report["batch16_images_per_s"] = 16 / (time.perf_counter() - t0)
-    if args.denoise_from:
+    if timesteps:
         ref_feats = features(ref, 16)
-        for t in (int(v) for v in args.denoise_from.split(",")):
-            if not 0 <= t < pipe.schedule.num_timesteps:
-                raise SystemExit(f"evaluate: error: --denoise-from {t} is outside 0..{pipe.schedule.num_timesteps - 1}")
+        for t in timesteps:
             for label, n in (("one_step", None), ("iterative", steps)):
                 out = denoise_from(pipe, prompts, ref, t, n, sampler=sampler, guidance=guidance, seed=args.seed,
                                    batch_size=args.batch_size)
@@ -267,9 +309,11 @@ def main(argv=None) -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        with atomic_write(args.out) as tmp:
+            tmp.write_text(text)
     if args.sheet:
-        side_by_side(gen, ref, nearest).save(args.sheet)
+        with atomic_write(args.sheet) as tmp:
+            side_by_side(gen, ref, nearest).save(tmp, format="PNG")
     return 0
 
 

@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 
+def umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike):
     """Yield a temp path beside `path` to write; when the block ends it replaces `path`, on an error it is removed.
@@ -20,6 +27,7 @@ def atomic_write(path: str | os.PathLike):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # some writers (safetensors) create 0600 files: follow the umask instead
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -28,6 +28,13 @@ class UsageError(Exception):
     """A mistake on the command line: printed as one line, exit code 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block above them), exit code 2; every command uses it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: names, hashes, atomic writes, PNG metadata
 
@@ -128,8 +135,10 @@ def params_from_png(path: str) -> dict:
             except ValueError:
                 raise UsageError(f"{path}: bad {key!r} value {raw[key]!r} in its parameters") from None
     if "Size" in raw:
-        w, _, h = raw["Size"].partition("x")
-        out["width"], out["height"] = int(w), int(h)
+        size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", raw["Size"])
+        if size is None:
+            raise UsageError(f"{path}: bad 'Size' value {raw['Size']!r} in its parameters (expected WIDTHxHEIGHT)")
+        out["width"], out["height"] = int(size[1]), int(size[2])
     return out
 
 
@@ -139,7 +148,7 @@ def params_from_png(path: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLER_NAMES
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m latentdiff.generate",
         description="Generate images from text. Prompts longer than CLIP's 77-token window are encoded in "
                     "75-token chunks and concatenated (as A1111 does), not cut.",
@@ -244,6 +253,13 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
             raise UsageError(str(e)) from None
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
+    for name, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value < 1:  # 0 would silently mean the model's size
+            raise UsageError(f"{name} must be a positive number of pixels (got {value})")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale must be in [0, 1] (got {args.guidance_rescale})")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise UsageError(f"--clip-skip must be at least 1, the last layer (got {args.clip_skip})")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number (got {args.guidance})")
     if "strength" in given and not args.init_image:
@@ -293,6 +309,10 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
                    seed=seed, count=n_total)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    layers = pipe.config.text.layers
+    if args.clip_skip is not None and not 1 <= args.clip_skip <= layers:
+        raise UsageError(f"--clip-skip must be between 1 (the last layer) and {layers} for this model's text "
+                         f"encoder (got {args.clip_skip})")
 
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)

@@ -428,12 +428,12 @@ class Pipeline:
     def _init_from_image(self, image, size, sigmas, strength, noise, shape):
         """img2img: encode, q-sample to the start step with the fused forward op; returns (x, sigmas left).
 
-        The run skips the first (1 - strength) of the steps. The start sigma is snapped to the nearest
-        integer timestep t0 (the forward op takes integer t), and sampling continues from exactly sigma_t0.
+        The run skips the first (1 - strength) of the steps. The start sigma is snapped up to an integer
+        timestep t0 (the forward op takes integer t), and sampling continues from exactly sigma_t0.
         """
         steps = len(sigmas) - 1
         start = steps - max(1, min(steps, int(round(steps * strength))))
-        t0 = int(round(float(self.schedule.sigma_to_t(float(sigmas[start])))))
+        t0 = self.img2img_start(float(sigmas[start]))
         sigmas = torch.cat([self.schedule.sigmas[t0:t0 + 1], sigmas[start + 1:]])
         x0 = self.vae.encode(from_pil(image, size, self.device, self.vae_dtype)).float()
         x0 = x0.expand(shape[0], -1, -1, -1).contiguous()
@@ -441,6 +441,13 @@ class Pipeline:
         t = torch.full((shape[0],), t0, device=self.device, dtype=torch.int64)
         x_t = ops.q_sample(x0, noise(x0), t, sqrt_ab, sqrt_1m_ab)
         return x_t * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas  # into sigma space: x = x_t / sqrt(abar)
+
+    def img2img_start(self, sigma: float) -> int:
+        """The smallest integer timestep whose sigma is at least `sigma`."""
+        # Rounding to the nearest could go below sigma, down to the next sigma of a dense schedule (many Karras
+        # steps, small strength); the sigmas must stay strictly descending.
+        t = float(self.schedule.sigma_to_t(sigma))
+        return min(math.ceil(t - 1e-9), self.schedule.num_timesteps - 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -22,6 +24,25 @@ import torch
 import torch.nn as nn
 
 SOT, EOT = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
+# The first open_clip_torch whose resblocks take (B, L, D): older ones are sequence-first, and our batch-first
+# tensors then fail with a mask-shape error or, when B == 77, run silently wrong.
+OPEN_CLIP_MIN = (2, 26, 1)
+
+
+def check_open_clip(version: str | None = None):
+    """Refuse an open_clip_torch older than OPEN_CLIP_MIN, in one line (the installed one when version is None)."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("open_clip_torch")
+        except importlib.metadata.PackageNotFoundError:
+            return  # open_clip_module says so when it is needed
+    if tuple(int(p) for p in re.findall(r"\d+", version)[:3]) < OPEN_CLIP_MIN:
+        need = ".".join(map(str, OPEN_CLIP_MIN))
+        raise ImportError(f"latentdiff needs open_clip_torch >= {need} (batch-first text transformer), found "
+                          f"{version}: pip install -U 'open_clip_torch>={need}'")
+
+
+check_open_clip()
 
 
 def open_clip_module(name: str) -> types.ModuleType:

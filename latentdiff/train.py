@@ -15,12 +15,16 @@ The run directory (train.out_dir) holds
 A checkpoint is written into a `.tmp-*` directory and renamed when complete, so a kill during the write leaves
 only a temp directory: `--resume auto` never picks it and the next start deletes it.
 
+A run owns the checkpoints up to its start step. One that starts behind the newest checkpoint (a fresh start in
+a used out_dir, or --resume of an older ckpt-* to roll back a divergence) first moves every newer checkpoint,
+whole, into `superseded-<time>/`: they are never overwritten, pruned or deleted, and `--resume auto` then
+continues the run started last. keep_last prunes only the run's own checkpoints.
+
 Resuming restores weights, EMA, optimizer, step and every rank's RNG; the data stream restarts with a seed that
 depends on the step (shards are resampled, so no position within an epoch is kept).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import copy
@@ -44,10 +48,11 @@ import yaml
 from tqdm import tqdm
 
 from . import diffusion
-from .checkpoint import Models, build_models as build_fresh, load_models, save_models
+from .checkpoint import CheckpointError, Models, build_models as build_fresh, config_problem, load_models, save_models
 from .config import ConfigError, ModelConfig, from_dict, load_yaml, parse_overrides, to_dict
-from .data import DataConfig, make_loader
+from .data import DataConfig, DataError, check_data, make_loader
 from .files import atomic_write
+from .generate import ArgumentParser
 from .schedule import Schedule
 
 
@@ -119,6 +124,10 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
                           "train.stage=unet and without train.init")
     checks = [
         (train.steps >= 1, f"train.steps must be at least 1 (got {train.steps})"),
+        (math.isfinite(train.lr) and train.lr >= 0, f"train.lr must be a number >= 0 (got {train.lr})"),
+        (train.warmup_steps >= 0, f"train.warmup_steps must be at least 0 (got {train.warmup_steps})"),
+        (math.isfinite(train.grad_clip) and train.grad_clip >= 0,
+         f"train.grad_clip must be >= 0, 0 turning clipping off (got {train.grad_clip})"),
         (train.timestep_bias >= 0.0, f"train.timestep_bias must be at least 0, 0 being uniform (got {train.timestep_bias})"),
         (train.grad_accum >= 1, f"train.grad_accum must be at least 1 (got {train.grad_accum})"),
         (train.keep_last >= 1, f"train.keep_last must be at least 1 (got {train.keep_last})"),
@@ -137,7 +146,22 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if model is not None:
+        problem = config_problem(model)
+        if problem:
+            raise ConfigError(f"model: {problem}")
+        check_weighting(model, train)
     return model, data, train
+
+
+def check_weighting(model: ModelConfig, train: TrainConfig):
+    """The U-Net loss weights must be finite at every timestep of the model's schedule."""
+    if train.stage == "unet" and train.loss_weighting != "simple":
+        try:
+            diffusion.loss_weight(0, Schedule.from_config(model.diffusion), train.loss_weighting,
+                                  model.diffusion.prediction, train.min_snr_gamma)
+        except ValueError as e:
+            raise ConfigError(f"train.loss_weighting: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +256,9 @@ class UNetLoss(nn.Module):
         with torch.no_grad():
             if "latents" in batch:
                 x0 = batch["latents"]
-            else:  # encoding on the fly: the same latents encode-shards would write (the posterior mean)
-                x0 = self.vae.encode(batch["pixels"])
+            else:  # encoding on the fly: the latents encode-shards writes (the posterior mean, in fp32)
+                with torch.autocast(batch["pixels"].device.type, enabled=False):
+                    x0 = self.vae.encode(batch["pixels"].float())
             x0 = x0.float()
         with contextlib.nullcontext() if self.train_text else torch.no_grad():
             context = self.text(batch["tokens"])  # (B, 77, D)
@@ -388,13 +413,28 @@ def save_checkpoint(out_dir: Path, step: int, models: Models, trained: dict[str,
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        if final.exists():  # never deleted: a run moves newer checkpoints aside when it starts (move_aside_after)
+            move_aside_after(out_dir, step - 1)
         os.replace(tmp, final)
         for _, old in list_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return final
+
+
+def move_aside_after(out_dir: Path, step: int) -> Path | None:
+    """Move the checkpoints newer than `step` into out_dir/superseded-TIME/, whole; returns that folder."""
+    newer = [p for s, p in list_checkpoints(out_dir) if s > step]
+    if not newer:
+        return None
+    aside = out_dir / time.strftime("superseded-%Y%m%d-%H%M%S")
+    k = 1
+    while aside.exists():
+        aside, k = aside.with_name(f"{aside.name.split('.')[0]}.{k}"), k + 1
+    aside.mkdir()
+    for p in newer:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def load_state(path: Path) -> dict:
@@ -504,8 +544,8 @@ def build_models(model_cfg: ModelConfig | None, cfg: TrainConfig, device) -> Mod
     if cfg.init_vae is not None:
         src = load_models(cfg.init_vae, device=device, dtype=torch.float32)
         if dataclasses.replace(src.config.vae, scale_factor=0.0) != dataclasses.replace(model_cfg.vae, scale_factor=0.0):
-            raise SystemExit(f"error: the VAE in {cfg.init_vae} is not the one model.vae describes; make model.vae "
-                             f"match the checkpoint that trained it")
+            raise ConfigError(f"the VAE in {cfg.init_vae} is not the one model.vae describes; make model.vae "
+                              f"match the checkpoint that trained it")
         model_cfg = dataclasses.replace(model_cfg, vae=src.config.vae)
     torch.manual_seed(cfg.seed)
     models = build_fresh(model_cfg, device=device)
@@ -532,8 +572,8 @@ class Tokenizer:
 
 
 class StopRequested:
-    """SIGTERM / SIGINT set a flag; the loop saves at the end of the step. Installed before the loader forks its
-    workers, so they inherit it and keep running instead of dying under the main process."""
+    """SIGTERM / SIGINT set a flag; the loop saves at the end of the step. Loader workers ignore both signals
+    (data.ignore_stop_signals), so a signal to the whole process group stops the run the same way."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -553,9 +593,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     """The training loop; returns the final step. Runs alone or under torchrun."""
     d = setup_distributed()
     out_dir = Path(cfg.out_dir)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    barrier(d)
+    check_data(data_cfg, world_size=d.world_size)  # a data mistake fails now, before anything is written
 
     # Resume point: rank 0 decides and tells the others, so every rank loads the same step. Checkpoints live
     # in out_dir, which must be a filesystem every node sees.
@@ -566,15 +604,15 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     elif resume:
         ckpt_path = Path(resume)
         if not (ckpt_path / "state.pt").is_file():
-            raise SystemExit(f"error: --resume {resume}: no state.pt there; pass a ckpt-* directory or 'auto'")
+            raise ConfigError(f"--resume {resume}: no state.pt there; pass a ckpt-* directory or 'auto'")
     ckpt_path = broadcast(ckpt_path, d)
     if ckpt_path is not None and not (ckpt_path / "state.pt").is_file():
         raise SystemExit(f"error: rank {d.rank} cannot read {ckpt_path}: train.out_dir must be on a filesystem "
                          f"that every node mounts")
     state = load_state(ckpt_path) if ckpt_path is not None else None
     if state is not None and state["config"]["train"]["stage"] != cfg.stage:
-        raise SystemExit(f"error: {ckpt_path} is a {state['config']['train']['stage']}-stage checkpoint; "
-                         f"this config trains the {cfg.stage} stage")
+        raise ConfigError(f"{ckpt_path} is a {state['config']['train']['stage']}-stage checkpoint; "
+                          f"this config trains the {cfg.stage} stage")
 
     models = load_models(ckpt_path / "model.safetensors", device=d.device, dtype=torch.float32) \
         if state is not None else build_models(model_cfg, cfg, d.device)
@@ -583,6 +621,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         raise SystemExit("error: training an SDXL U-Net is not supported (its pooled-text and size conditioning "
                          "are not in the trainer); the VAE stage works, or train an SD 1.x / 2.x layout")
     schedule = Schedule.from_config(model_cfg.diffusion)
+    check_weighting(model_cfg, cfg)
     if cfg.stage == "unet":
         trained = {"unet": models.unet} | ({"text": models.text} if cfg.train_text_encoder else {})
         frozen = ["vae"] + ([] if cfg.train_text_encoder else ["text"])
@@ -591,7 +630,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     else:
         if cfg.gradient_checkpointing:
-            raise SystemExit("error: train.gradient_checkpointing is implemented for the U-Net stage only")
+            raise ConfigError("train.gradient_checkpointing is implemented for the U-Net stage only")
         trained, frozen = {"vae": models.vae}, ["unet", "text"]
         loss_module = VAELoss(models.vae, cfg.kl_weight)
     for k in frozen:
@@ -638,7 +677,18 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     config_dict = {"model": to_dict(model_cfg), "data": to_dict(data_cfg), "train": to_dict(cfg)}
+    aside = None
+    if d.main:  # made only now, so a run refused above leaves nothing behind
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create train.out_dir {out_dir}: {e.strerror or e}; choose another") from None
+        aside = move_aside_after(out_dir, step)
+    barrier(d)
     log = Logger(out_dir, d, step, cfg.steps)
+    if aside is not None:
+        log.info(f"moved {', '.join(p.name for p in sorted(aside.iterdir()))} (newer than step {step}, from an "
+                 f"earlier run) to {aside}; nothing was deleted")
     if d.main:
         for p in out_dir.glob(".tmp-*"):  # partial writes of a killed run
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -657,8 +707,9 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         tokenize = None
         if cfg.stage == "unet":
             tokenize = Tokenizer(model_cfg.text)
+        side = data_cfg.resolution // models.vae.latent_factor
         loader = make_loader(data_cfg, rank=d.rank, world_size=d.world_size, seed=cfg.seed + 1000 * step,
-                             tokenize=tokenize)
+                             tokenize=tokenize, latent_shape=(model_cfg.vae.embed_dim, side, side))
 
         def batches():
             while True:  # a finite loader (no resampling) restarts: the step count, not epochs, ends the run
@@ -772,7 +823,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m latentdiff.train",
         description="Train the VAE or the latent U-Net on webdataset shards (run under torchrun for DDP).",
         epilog="Any config key can be overridden: --train.lr=1e-4 --data.batch_size=16 --model.unet.model_channels=64")
@@ -783,10 +834,19 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         model_cfg, data_cfg, cfg = load_config(args.config, parse_overrides(rest))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    train(model_cfg, data_cfg, cfg, resume=args.resume)
+        train(model_cfg, data_cfg, cfg, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error; one raised in a loader worker arrives wrapped in the worker's traceback."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].partition(": ")[2] or lines[-1]
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import data
-from latentdiff.data import DataConfig, DataError, ShardWriter, expand_shards, make_loader, make_shards
+from latentdiff import data, emoji, encode
+from latentdiff.data import DataConfig, DataError, expand_shards, make_loader
+from latentdiff.shards import ShardWriter, make_shards
 
 
 def solid(color, size=(16, 16)) -> Image.Image:
@@ -361,7 +362,7 @@ def test_latent_shards(tmp_path):
     lat = [rng.standard_normal((4, 2, 2)).astype(np.float32) for _ in range(6)]
 
     def sample(i):
-        return {"latent.npy": data._npy_bytes(lat[i]), "txt": str(i).encode()}
+        return {"latent.npy": encode._npy_bytes(lat[i]), "txt": str(i).encode()}
 
     pattern = write_shards(tmp_path, 1, 6, sample)
     cfg = DataConfig(shards=pattern, batch_size=6, num_workers=0, caption_dropout=0.0, latents=True,
@@ -385,16 +386,16 @@ def test_config_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # emoji
 
-FONT = next((p for p in data.EMOJI_FONT_PATHS if os.path.isfile(p)), None)
+FONT = next((p for p in emoji.EMOJI_FONT_PATHS if os.path.isfile(p)), None)
 needs_font = pytest.mark.skipif(FONT is None, reason="Noto Color Emoji not installed "
                                                      "(apt-get install fonts-noto-color-emoji)")
 
 
 @needs_font
 def test_render_emoji():
-    font = data.load_emoji_font(FONT)
+    font = emoji.load_emoji_font(FONT)
     for cp in (0x1F408, 0x1F355, 0x1F680, 0x2764):  # cat, pizza, rocket, heart
-        img = data.render_emoji(font, chr(cp), 32)
+        img = emoji.render_emoji(font, chr(cp), 32)
         assert img.size == (32, 32) and img.mode == "RGB"
         a = np.asarray(img).astype(int)
         assert (a[0, 0] == 255).all() and (a[-1, -1] == 255).all()  # white background in the corners
@@ -403,19 +404,19 @@ def test_render_emoji():
         # The glyph touches two opposite borders: cropped to its box and padded to a square.
         ink = (a < 250).any(-1)
         assert (ink[0].any() and ink[-1].any()) or (ink[:, 0].any() and ink[:, -1].any())
-    assert data.render_emoji(font, "\ue000", 32) is None  # private use: nothing drawn
+    assert emoji.render_emoji(font, "\ue000", 32) is None  # private use: nothing drawn
 
 
 def test_emoji_captions():
-    assert data.emoji_captions("cat") == ["a cat", "an emoji of a cat", "cat"]
-    assert data.emoji_captions("octopus", ["squid"])[:2] == ["an octopus", "an emoji of an octopus"]
-    assert data.emoji_captions("octopus", ["squid"])[-1] == "squid"
+    assert emoji.emoji_captions("cat") == ["a cat", "an emoji of a cat", "cat"]
+    assert emoji.emoji_captions("octopus", ["squid"])[:2] == ["an octopus", "an emoji of an octopus"]
+    assert emoji.emoji_captions("octopus", ["squid"])[-1] == "squid"
 
 
 @needs_font
 def test_emoji_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "EMOJI_RANGES", ((0x1F408, 0x1F40A), (0x1F3FB, 0x1F3FB), (0xE000, 0xE000)))
-    summary = data.make_emoji_shards(tmp_path, resolution=24, per_shard=2, progress=False)
+    monkeypatch.setattr(emoji, "EMOJI_RANGES", ((0x1F408, 0x1F40A), (0x1F3FB, 0x1F3FB), (0xE000, 0xE000)))
+    summary = emoji.make_emoji_shards(tmp_path, resolution=24, per_shard=2, progress=False)
     assert summary["written"] == 3  # cat, dragon, crocodile; the skin tone is a component, U+E000 not drawn
     assert sum(v for k, v in summary["skipped"].items() if k.startswith("emoji component")) == 1
     index = [json.loads(line) for line in (tmp_path / "index.jsonl").read_text().splitlines()]
@@ -430,7 +431,7 @@ def test_emoji_shards(tmp_path, monkeypatch):
 
 
 def test_missing_font_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "EMOJI_FONT_PATHS", (str(tmp_path / "none.ttf"),))
+    monkeypatch.setattr(emoji, "EMOJI_FONT_PATHS", (str(tmp_path / "none.ttf"),))
     with pytest.raises(SystemExit) as e:
         data.main(["emoji", "--out", str(tmp_path / "out")])
     assert e.value.code == 2

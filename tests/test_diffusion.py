@@ -196,3 +196,14 @@ def test_guidance_rescale():
     np.testing.assert_allclose(guidance_rescale(cfg, cond, 1.0).numpy().reshape(3, -1).std(axis=1, ddof=1),
                                k.std(axis=1, ddof=1), rtol=1e-12)
     torch.testing.assert_close(guidance_rescale(cfg, cond, 0.0), cfg, **F64)
+
+
+def test_vlb_epsilon_zero_terminal_snr_is_refused():
+    """With SNR = 0 at the last step, the epsilon VLB weight beta^2 / (2 sigma^2 alpha (1 - abar)) divides by
+    alpha_T = 0: an infinite weight. Refused with a message naming the way out; v and x0 stay finite."""
+    s = Schedule.from_config(DiffusionConfig(zero_terminal_snr=True))
+    t = torch.arange(s.num_timesteps)
+    with pytest.raises(ValueError, match="v_prediction"):
+        loss_weight(t, s, "vlb", "epsilon", dtype=torch.float64)
+    for p in ("v_prediction", "sample"):
+        assert torch.isfinite(loss_weight(t, s, "vlb", p, dtype=torch.float64)).all()

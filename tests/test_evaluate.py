@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.data import write_tar
+from latentdiff.shards import write_tar
 from latentdiff.evaluate import features, frechet_distance, load_reference, main, nearest_hits, reconstruction_psnr
 
 

@@ -28,3 +28,21 @@ def test_new_files_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.png").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_checkpoints_follow_the_umask(tmp_path, mask, tiny_checkpoint):
+    """safetensors writes its files 0600; ours follow the umask like every other file (issue 14, item 8)."""
+    from safetensors.torch import save_file
+    import torch
+
+    from latentdiff import checkpoint
+    old = os.umask(mask)
+    try:
+        with atomic_write(tmp_path / "a.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        assert checkpoint.main([str(tiny_checkpoint), str(tmp_path / "b.safetensors"), "--dtype", "fp32"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("a.safetensors", "b.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name

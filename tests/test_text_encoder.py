@@ -134,3 +134,22 @@ def test_old_sd1_keys_without_text_model_level_map_the_same():
     assert la == lb == [] and a.keys() == b.keys()
     q, k, v = (flat[f"encoder.layers.1.self_attn.{c}_proj.weight"] for c in "qkv")
     assert torch.equal(a["transformer.resblocks.1.attn.in_proj_weight"], torch.cat([q, k, v]))
+
+
+def test_open_clip_floor_is_checked_at_import():
+    """Versions before 2.26.1 have sequence-first resblocks: importing us with one fails in one line (item 9)."""
+    import subprocess
+    import sys
+
+    from latentdiff.text_encoder import check_open_clip
+    for ok in ("2.26.1", "2.32.0", "3.3.0"):
+        check_open_clip(ok)
+    with pytest.raises(ImportError, match=r">= 2\.26\.1.*found 2\.24\.0"):
+        check_open_clip("2.24.0")
+    code = ("import importlib.metadata as m; real = m.version; "
+            "m.version = lambda n: '2.20.0' if n == 'open_clip_torch' else real(n); import latentdiff.text_encoder")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == ("ImportError: latentdiff needs open_clip_torch >= 2.26.1 (batch-first "
+                                                 "text transformer), found 2.20.0: pip install -U "
+                                                 "'open_clip_torch>=2.26.1'")

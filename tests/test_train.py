@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from latentdiff import diffusion, train as train_mod
 from latentdiff.checkpoint import load_models
-from latentdiff.data import write_tar
+from latentdiff.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "train-tiny.yaml"
@@ -361,7 +362,8 @@ def test_gradient_checkpointing_changes_nothing_but_memory(clean_shards, tmp_pat
     assert any(not torch.equal(init[k], v) for k, v in s0["model"]["text"].items())  # the text encoder trained
 
 
-def test_init_vae_keeps_the_vae_and_builds_the_rest_from_model_config(clean_shards, tmp_path, tiny_checkpoint):
+def test_init_vae_keeps_the_vae_and_builds_the_rest_from_model_config(clean_shards, tmp_path, tiny_checkpoint,
+                                                                     capsys):
     """train.init_vae: the VAE and its scale factor come from the checkpoint, the U-Net and text encoder are the
     config's fresh ones, and model: overrides (here the prediction target) apply, unlike with train.init."""
     out = tmp_path / "x0"
@@ -376,25 +378,31 @@ def test_init_vae_keeps_the_vae_and_builds_the_rest_from_model_config(clean_shar
     torch.manual_seed(0)  # the trainer's seed: the same fresh text encoder as a run from scratch
     fresh = train_mod.build_fresh(got.config).text.state_dict()
     assert all(torch.equal(got.text.state_dict()[k], v) for k, v in fresh.items())  # frozen, as built
-    with pytest.raises(SystemExit, match="is not the one model.vae describes"):
-        train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, tmp_path / "bad", steps=1,
-                                                              init_vae=tiny_checkpoint), "--model.vae.z_channels=8",
-                        "--model.vae.embed_dim=8", "--data.num_workers=0"])
-    with pytest.raises(SystemExit, match="train.init_vae starts a U-Net stage"):
-        train_mod.main(["--config", str(CONFIG), "--train.stage=vae", f"--train.init_vae={tiny_checkpoint}"])
+    refused(capsys, "is not the one model.vae describes",
+            ["--config", str(CONFIG), *common_args(clean_shards, tmp_path / "bad", steps=1, init_vae=tiny_checkpoint),
+             "--model.vae.z_channels=8", "--model.vae.embed_dim=8", "--data.num_workers=0"])
+    refused(capsys, "train.init_vae starts a U-Net stage",
+            ["--config", str(CONFIG), "--train.stage=vae", f"--train.init_vae={tiny_checkpoint}"])
 
 
-def test_config_errors_name_the_problem(clean_shards, tmp_path):
-    with pytest.raises(SystemExit, match=r"unknown config key\(s\) train\.lrr"):
-        train_mod.main(["--config", str(CONFIG), f"--data.shards={clean_shards}", "--train.lrr=1e-4"])
+def refused(capsys, pattern, argv):
+    """The trainer refuses argv with exit code 2 and one line on stderr matching pattern."""
+    capsys.readouterr()
+    assert train_mod.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+
+
+def test_config_errors_name_the_problem(clean_shards, tmp_path, capsys):
+    refused(capsys, r"unknown config key\(s\) train\.lrr",
+            ["--config", str(CONFIG), f"--data.shards={clean_shards}", "--train.lrr=1e-4"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(CONFIG.read_text() + "optim:\n  lr: 1\n")
-    with pytest.raises(SystemExit, match=r"unknown config section\(s\) optim"):
-        train_mod.main(["--config", str(bad)])
-    with pytest.raises(SystemExit, match="train.stage=vae trains on pixels"):
-        train_mod.main(["--config", str(CONFIG), "--train.stage=vae", "--data.latents=true"])
-    with pytest.raises(SystemExit, match=r"train.lr_schedule: 'linear' is not one of"):
-        train_mod.main(["--config", str(CONFIG), "--train.lr_schedule=linear"])
+    refused(capsys, r"unknown config section\(s\) optim", ["--config", str(bad)])
+    refused(capsys, "train.stage=vae trains on pixels",
+            ["--config", str(CONFIG), "--train.stage=vae", "--data.latents=true"])
+    refused(capsys, r"train.lr_schedule: 'linear' is not one of",
+            ["--config", str(CONFIG), "--train.lr_schedule=linear"])
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -425,7 +433,7 @@ def test_timestep_bias_draws_t_with_the_stated_law(bias):
         assert (t >= 600).double().mean().item() == pytest.approx(1 - 0.6 ** 3, abs=0.005)
 
 
-def test_vae_decoder_only_keeps_the_encoder_and_the_latents(clean_shards, tmp_path):
+def test_vae_decoder_only_keeps_the_encoder_and_the_latents(clean_shards, tmp_path, capsys):
     """train.vae_trainable=decoder from a VAE checkpoint: encoder and quant_conv stay bit-identical (so latents a
     U-Net learnt stay valid, and the scale factor is kept), the decoder trains and its loss falls."""
     first = tmp_path / "vae"
@@ -444,5 +452,48 @@ def test_vae_decoder_only_keeps_the_encoder_and_the_latents(clean_shards, tmp_pa
     assert all(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder.") and k.endswith(".weight"))
     losses = [r["loss"] for r in read_csv(out)]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
-    with pytest.raises(SystemExit, match="vae_trainable=decoder fine-tunes a trained VAE"):
-        train_mod.main(["--config", str(CONFIG), "--train.stage=vae", "--train.vae_trainable=decoder"])
+    refused(capsys, "vae_trainable=decoder fine-tunes a trained VAE",
+            ["--config", str(CONFIG), "--train.stage=vae", "--train.vae_trainable=decoder"])
+
+
+def test_on_the_fly_latents_equal_encode_shards_under_bf16_autocast(clean_shards, tmp_path, tiny_checkpoint,
+                                                                   monkeypatch):
+    """The U-Net stage trains on exactly the latents encode-shards writes, also under bf16 autocast (item 6)."""
+    import numpy as np
+
+    from latentdiff.data import DataConfig, make_loader
+    from latentdiff.encode import encode_shards
+    from latentdiff.schedule import Schedule
+    summary = encode_shards(clean_shards, tmp_path / "lat", tiny_checkpoint, 32, 8, "cpu", progress=False)
+    models = load_models(tiny_checkpoint)
+    loss = train_mod.UNetLoss(models, Schedule.from_config(models.config.diffusion), False, "simple", 5.0)
+    seen, real = [], diffusion.training_batch
+
+    def spy(x0, *args):
+        seen.append(x0.detach().clone())
+        return real(x0, *args)
+    monkeypatch.setattr(diffusion, "training_batch", spy)
+    loader = make_loader(DataConfig(shards=clean_shards, resolution=32, batch_size=8, num_workers=0,
+                                    shuffle_buffer=1, resample=False, caption_dropout=0.0),
+                         tokenize=train_mod.Tokenizer(models.config.text))
+    batch = next(iter(loader))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss(batch, torch.Generator().manual_seed(0))
+    # Captions repeat across the synthetic set; each on-the-fly latent must equal a stored one of its caption.
+    want = {}
+    for shard in summary["shards"]:
+        for key, files in read_tar_members(shard).items():
+            want.setdefault(files["txt"].decode(), []).append(np.load(io.BytesIO(files["latent.npy"])))
+    for x0, caption in zip(seen[0], batch["captions"]):
+        errs = [float(np.abs(x0.numpy() - w).max()) for w in want[caption]]
+        assert min(errs) < 1e-5, (caption, errs)
+
+
+def read_tar_members(path) -> dict:
+    import tarfile
+    out: dict = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
