@@ -2,8 +2,8 @@
 unwritable path, wrong file type) end with exit code 2, exactly one line on stderr, no traceback, and no file left
 behind. The commands run in-process through their main(argv); hostile stored configs and img2img start steps too.
 
-Leaves the four generate inputs of issue 12 (--steps 100000, a huge --seed, a huge --width/--height, --strength
-without --init-image) to that issue's rows.
+The generate table ends with the inputs issue 12 found by trying (--steps 100000, a huge --seed, a huge
+--width/--height, --strength without --init-image).
 """
 from __future__ import annotations
 
@@ -134,6 +134,11 @@ GENERATE = [
     ("--init-image {inp}/plain.png --strength nan", "strength"),
     ("-o {inp}/blocker/x.png", "cannot write"), ("--device bogus", "device"),
     ("--prediction bogus", "invalid choice"), ("--dtype bogus", "invalid choice"), ("--backend bogus", "invalid choice"),
+    # issue 12: found by trying
+    ("--steps 100000", "steps must be between 1 and 1000"), ("--seed 99999999999999999999", "seed must be in 0.."),
+    ("--seed -5", "seed must be in 0.."), ("-n 2 --seed 18446744073709551615", r"0\.\.18446744073709551614 for 2 image"),
+    ("--width 65536 --height 65536", "GiB available"), ("--strength 0.5", "only applies to image-to-image"),
+    ("--grid-cols 0", "grid-cols"),
 ] + [(f"--checkpoint {{inp}}/hostile-{name}.safetensors", expect) for name, (_, expect) in HOSTILE.items()]
 
 
