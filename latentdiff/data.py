@@ -24,6 +24,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -47,6 +48,10 @@ class DataConfig:
     caption_dropout: float = 0.1
     resample: bool = True  # draw shards with replacement per worker; False = each shard read once per pass
     latents: bool = False  # shards hold precomputed latents (from encode-shards) instead of images
+    # Hold every decoded sample and tokenized caption on the training device and draw batches there
+    # (latentdiff.memory_loader): true, false, or auto = when the decoded samples take at most in_memory_max_mb
+    in_memory: bool | Literal["auto"] = "auto"
+    in_memory_max_mb: float = 1024.0
 
 
 class DataError(ValueError):
@@ -770,6 +775,36 @@ def make_emoji_shards(out, resolution: int = 64, per_shard: int = 100, font_path
         tmp.write_text(lines, encoding="utf-8")
     return {"written": writer.count, "shards": [str(p) for p in writer.paths], "skipped": dict(skipped),
             "font": path, "aliases": _emoji_package() is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding one sample without the per-draw choices (for loaders that make those choices themselves)
+
+
+def sample_contents(sample: dict, cfg: DataConfig) -> dict:
+    """{"captions": every caption the loader may draw, "x": latent or image tensor, "x_flip": the flipped latent
+    when cfg.hflip and latent shards (None otherwise: an image is flipped as a tensor)}."""
+    meta = json.loads(sample["json"]) if "json" in sample else None
+    captions = meta.get("captions") if isinstance(meta, dict) else None
+    if captions:
+        captions = [str(c) for c in captions]
+    elif "txt" in sample:
+        captions = [sample["txt"].decode("utf-8").strip()]
+    else:
+        raise KeyError("sample has no caption (.txt)")
+    if cfg.latents:
+        if "latent.npy" not in sample:
+            raise KeyError("sample has no latent.npy")
+        if cfg.hflip and "latent_flip.npy" not in sample:
+            raise DataError("data.hflip is true but these latent shards hold no flipped latents; re-run "
+                            "encode-shards with --hflip, or set data.hflip: false")
+        flip = torch.from_numpy(_npy(sample["latent_flip.npy"]).astype(np.float32)) if cfg.hflip else None
+        return {"captions": captions, "x": torch.from_numpy(_npy(sample["latent.npy"]).astype(np.float32)),
+                "x_flip": flip}
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise KeyError("sample has no image")
+    return {"captions": captions, "x": to_tensor(load_image(sample[ext], cfg.resolution)), "x_flip": None}
 
 
 # ----------------------------------------------------------------------------------------------
