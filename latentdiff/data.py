@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,6 +44,10 @@ class DataConfig:
     caption_dropout: float = 0.1
     resample: bool = True  # draw shards with replacement per worker; False = each shard read once per pass
     latents: bool = False  # shards hold precomputed latents (from encode-shards) instead of images
+    # Hold every decoded sample and tokenized caption on the training device and draw batches there
+    # (latentdiff.memory_loader): true, false, or auto = when the decoded samples take at most in_memory_max_mb
+    in_memory: bool | Literal["auto"] = "auto"
+    in_memory_max_mb: float = 1024.0
 
 
 class DataError(ValueError):
@@ -125,16 +130,33 @@ def _npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard contents
 
 
-def _caption(sample: dict, rng: random.Random) -> str:
-    """One caption: a random template from json["captions"] when the shard has them (emoji), else the txt."""
+def _captions(sample: dict) -> tuple[list[str], bool]:
+    """Every caption a sample offers, and whether they are templates to draw from (json["captions"], emoji)."""
     if "json" in sample:
         meta = json.loads(sample["json"])
         captions = meta.get("captions") if isinstance(meta, dict) else None
         if captions:
-            return str(rng.choice(captions))
+            return [str(c) for c in captions], True
     if "txt" in sample:
-        return sample["txt"].decode("utf-8").strip()
+        return [sample["txt"].decode("utf-8").strip()], False
     raise KeyError("sample has no caption (.txt)")
+
+
+def _caption(sample: dict, rng: random.Random) -> str:
+    """One caption: a random template from json["captions"] when the shard has them (emoji), else the txt."""
+    captions, templates = _captions(sample)
+    return rng.choice(captions) if templates else captions[0]
+
+
+def _latent(data: bytes) -> np.ndarray:
+    """A latent.npy member as float32, refused here when it is not a finite (C, h, w) float array: a mis-shaped
+    one would otherwise fail the whole batch's torch.stack, outside the per-sample check."""
+    x = _npy(data)
+    if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"latent of shape {x.shape} and dtype {x.dtype}; expected a (C, h, w) float array")
+    if not np.isfinite(x).all():
+        raise ValueError("latent holds NaN or infinite values")
+    return x.astype(np.float32)
 
 
 class _Fatal(Exception):
@@ -256,17 +278,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             if flip and "latent_flip.npy" not in sample:
                 raise _Fatal("data.hflip is true but these latent shards hold no flipped latents; re-run "
                              "encode-shards with --hflip, or set data.hflip: false")
-            x = _npy(sample["latent_flip.npy" if flip else "latent.npy"])
-            # A mis-shaped latent would fail the batch's torch.stack, outside this per-sample check: refuse it here.
-            if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
-                raise ValueError(f"latent of shape {x.shape} and dtype {x.dtype}; expected a (C, h, w) float array")
+            x = _latent(sample["latent_flip.npy" if flip else "latent.npy"])
             if self.latent_shape is None:
                 self.latent_shape = x.shape
             if x.shape != self.latent_shape:
                 raise ValueError(f"latent of shape {x.shape}; expected {self.latent_shape}")
-            if not np.isfinite(x).all():
-                raise ValueError("latent holds NaN or infinite values")
-            return {"latents": torch.from_numpy(x.astype(np.float32)), "caption": caption}
+            return {"latents": torch.from_numpy(x), "caption": caption}
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise KeyError("sample has no image")
@@ -370,6 +387,28 @@ def _print_summary(what: str, summary: dict, t0: float):
             print(f"  {n:6d}  {reason}" + (f"  (e.g. {example})" if example else ""))
     else:
         print("skipped 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding one sample without the per-draw choices (for loaders that make those choices themselves)
+
+
+def sample_contents(sample: dict, cfg: DataConfig) -> dict:
+    """{"captions": every caption the loader may draw, "x": latent or image tensor, "x_flip": the flipped latent
+    when cfg.hflip and latent shards (None otherwise: an image is flipped as a tensor)}."""
+    captions, _ = _captions(sample)
+    if cfg.latents:
+        if "latent.npy" not in sample:
+            raise KeyError("sample has no latent.npy")
+        if cfg.hflip and "latent_flip.npy" not in sample:
+            raise DataError("data.hflip is true but these latent shards hold no flipped latents; re-run "
+                            "encode-shards with --hflip, or set data.hflip: false")
+        flip = torch.from_numpy(_latent(sample["latent_flip.npy"])) if cfg.hflip else None
+        return {"captions": captions, "x": torch.from_numpy(_latent(sample["latent.npy"])), "x_flip": flip}
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise KeyError("sample has no image")
+    return {"captions": captions, "x": to_tensor(load_image(sample[ext], cfg.resolution)), "x_flip": None}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from . import diffusion
 from .checkpoint import CheckpointError, Models, build_models as build_fresh, config_problem, load_models, save_models
 from .config import ConfigError, ModelConfig, from_dict, load_yaml, parse_overrides, to_dict
 from .data import DataConfig, DataError, check_data, make_loader
+from .memory_loader import make_memory_loader
 from .files import atomic_write
 from .generate import ArgumentParser
 from .schedule import Schedule
@@ -102,7 +103,7 @@ class TrainConfig:
     sample_steps: int = 20
     sample_sampler: str | None = None  # None: the model config's sampling defaults
     sample_guidance: float | None = None
-    max_consecutive_nonfinite: int = 10
+    max_consecutive_nonfinite: int = 10  # checked at the log steps (skipped steps change no weights meanwhile)
 
 
 def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None, DataConfig, TrainConfig]:
@@ -297,30 +298,39 @@ class EMA:
     """Exponential moving average of the trained modules (copies in float32, never trained)."""
 
     def __init__(self, modules: dict[str, nn.Module], decay: float, warmup: bool):
-        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.decay, self.warmup = decay, warmup
         self.source = modules
         self.modules = {k: copy.deepcopy(m).float().eval().requires_grad_(False) for k, m in modules.items()}
+        device = next(p.device for m in self.modules.values() for p in m.parameters())
+        self.count = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per update
 
-    def current_decay(self) -> float:
-        n = self.updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+    @property
+    def updates(self) -> int:
+        return int(self.count)
+
+    def current_decay(self) -> torch.Tensor:
+        n = self.count
+        return ((1 + n) / (10 + n)).clamp(max=self.decay) if self.warmup else torch.full_like(n, self.decay)
 
     @torch.no_grad()
-    def update(self):
-        d = self.current_decay()
+    def update(self, ok: torch.Tensor | None = None):
+        """One EMA step; with ok (a bool tensor) False, the average and its count stay as they are."""
+        weight = 1.0 - self.current_decay()
+        if ok is not None:
+            weight = weight * ok
         for k, m in self.source.items():
             ema = [p for p in self.modules[k].parameters()]
             src = [p.detach().float() for p in m.parameters()]
-            torch._foreach_lerp_(ema, src, 1.0 - d)  # ema = d * ema + (1 - d) * p
+            torch._foreach_lerp_(ema, src, weight.float())  # ema = d * ema + (1 - d) * p
             for be, bs in zip(self.modules[k].buffers(), m.buffers()):
-                be.copy_(bs)
-        self.updates += 1
+                be.copy_(bs if ok is None else torch.where(ok, bs, be))
+        self.count += 1 if ok is None else ok
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "modules": {k: m.state_dict() for k, m in self.modules.items()}}
 
     def load_state_dict(self, state: dict):
-        self.updates = int(state["updates"])
+        self.count.fill_(int(state["updates"]))
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])
 
@@ -648,10 +658,11 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and norm scales (as nanoGPT)
     no_decay = [p for p in params if p.ndim < 2]
+    # Fused on every device: it skips a step on the device when told (found_inf, as under a GradScaler), so a
+    # non-finite step needs no host sync to be skipped.
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                            fused=d.device.type == "cuda")
+                            lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
     step, counters = 0, {"nonfinite_steps": 0, "skipped_samples": 0}
     gen = torch.Generator(d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank noise and timesteps
     if state is not None:
@@ -708,8 +719,13 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         if cfg.stage == "unet":
             tokenize = Tokenizer(model_cfg.text)
         side = data_cfg.resolution // models.vae.latent_factor
-        loader = make_loader(data_cfg, rank=d.rank, world_size=d.world_size, seed=cfg.seed + 1000 * step,
-                             tokenize=tokenize, latent_shape=(model_cfg.vae.embed_dim, side, side))
+        latent_shape = (model_cfg.vae.embed_dim, side, side)
+        # Small sets (data.in_memory) live on the device, captions tokenized once; large ones stream from shards.
+        loader = make_memory_loader(data_cfg, rank=d.rank, world_size=d.world_size, seed=cfg.seed + 1000 * step,
+                                    tokenize=tokenize, device=d.device, log=log.info, latent_shape=latent_shape)
+        if loader is None:
+            loader = make_loader(data_cfg, rank=d.rank, world_size=d.world_size, seed=cfg.seed + 1000 * step,
+                                 tokenize=tokenize, latent_shape=latent_shape)
 
         def batches():
             while True:  # a finite loader (no resampling) restarts: the step count, not epochs, ends the run
@@ -719,8 +735,15 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         fixed_batch = None  # VAE stage: the first 8 images, for sample grids and the latent scale factor
         estimate_scale = cfg.stage == "vae" and (cfg.vae_scale_factor == "estimate" or
                                                  (cfg.vae_scale_factor == "auto" and cfg.init is None))
-        window_loss, window_n, window_t, window_images = 0.0, 0, time.perf_counter(), 0
-        consecutive, grad_norm, start_time, start_step = 0, float("nan"), time.perf_counter(), step
+        # Per-step numbers stay on the device and are read (one host sync) at the log steps only: the summed
+        # finite losses, finite and non-finite steps of the window, the current run of non-finite steps and the
+        # step at which that run reached train.max_consecutive_nonfinite (0: not reached).
+        window = torch.zeros(3, dtype=torch.float64, device=d.device)
+        run = torch.zeros((), dtype=torch.int64, device=d.device)
+        limit_step = torch.zeros((), dtype=torch.int64, device=d.device)
+        grad_norm = torch.full((), float("nan"), device=d.device)
+        window_t, window_images, window_skipped = time.perf_counter(), 0, 0
+        start_time, start_step = time.perf_counter(), step
 
         def checkpoint_now():
             path = save_checkpoint(out_dir, step, models, trained, ema, opt, gen, config_dict, counters, d,
@@ -736,12 +759,11 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
                                  f"Restart with --resume auto")
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            skipped, images = 0, 0
             loss_sum = torch.zeros((), device=d.device)
             for micro in range(cfg.grad_accum):
                 batch = next(data_iter)
-                skipped += int(batch.get("n_skipped", 0))
-                images += len(batch["captions"])
+                window_skipped += int(batch.get("n_skipped", 0))
+                window_images += batch["latents" if "latents" in batch else "pixels"].shape[0]
                 batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 if fixed_batch is None and cfg.stage == "vae":
                     fixed_batch = {"pixels": batch["pixels"][:8].clone()}
@@ -755,46 +777,51 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
                 loss_sum += loss.detach().float()
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            # One all-reduce for the logged loss, the skipped-sample count and the stop flag. The gradient norm is
-            # computed from all-reduced gradients, so every rank takes the same skip/stop decisions.
-            stats = torch.tensor([loss_sum.item() / cfg.grad_accum, skipped, float(stop.flag), images],
-                                 dtype=torch.float64, device=d.device)
-            stats = all_reduce_sum(stats, d).tolist()
-            loss_value = stats[0] / d.world_size
-            counters["skipped_samples"] += int(stats[1])
-            grad_norm = float(norm)
-            if math.isfinite(loss_value) and math.isfinite(grad_norm):
-                opt.step()
-                ema.update()
-                consecutive = 0
-                window_loss += loss_value
-                window_n += 1
-            else:
-                counters["nonfinite_steps"] += 1
-                consecutive += 1
-                log.info(f"step {step + 1}: non-finite loss {loss_value} / grad norm {grad_norm}: step skipped "
-                         f"({consecutive} in a row, {counters['nonfinite_steps']} in all)")
-                if consecutive >= cfg.max_consecutive_nonfinite:
-                    log.info(f"error: {consecutive} non-finite losses in a row (train.max_consecutive_nonfinite="
-                             f"{cfg.max_consecutive_nonfinite}); stopping. Lower train.lr, check the data, or resume "
-                             f"from the last checkpoint.")
-                    raise SystemExit(f"error: {consecutive} consecutive non-finite losses at step {step + 1} "
-                                     f"(train.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
-                                     f"lower train.lr or check the data")
+            loss_value = all_reduce_sum(loss_sum / cfg.grad_accum, d) / d.world_size  # queued, not waited for
+            # Every rank sees the same all-reduced loss and gradient norm, so every rank skips the same steps.
+            ok = torch.isfinite(loss_value) & torch.isfinite(norm)
+            opt.found_inf = (~ok).float()  # fused AdamW leaves weights, moments and step count alone when 1
+            opt.step()
+            ema.update(ok)
+            window += torch.stack([torch.where(ok, loss_value.double(), 0.0), ok.double(), (~ok).double()])
+            run = torch.where(ok, 0, run + 1)
+            limit_step = torch.where((run >= cfg.max_consecutive_nonfinite) & (limit_step == 0), step + 1, limit_step)
+            grad_norm = norm
             opt.zero_grad(set_to_none=True)
             step += 1
-            window_images += int(stats[3])
             log.advance()
 
+            stop_flag = stop.flag
             if step % cfg.log_every == 0 or step == cfg.steps:
+                # The one host sync of the window: the device numbers, and across ranks the skipped samples, the
+                # images and the stop flag (so every rank stops at the same step).
+                loss_total, finite, nonfinite, norm_value, limit_at = torch.cat(
+                    [window, grad_norm.double().view(1), limit_step.double().view(1)]).tolist()
+                shared = all_reduce_sum(torch.tensor([window_skipped, window_images, float(stop.flag)],
+                                                     dtype=torch.float64, device=d.device), d).tolist()
+                counters["skipped_samples"] += int(shared[0])
+                counters["nonfinite_steps"] += int(nonfinite)
+                stop_flag = shared[2] > 0
+                if nonfinite:
+                    log.info(f"step {step}: {int(nonfinite)} step(s) with a non-finite loss or gradient norm in the "
+                             f"last {int(finite + nonfinite)} skipped ({counters['nonfinite_steps']} in all)")
+                if limit_at > 0:
+                    limit = cfg.max_consecutive_nonfinite
+                    log.info(f"error: {limit} non-finite losses in a row (train.max_consecutive_nonfinite={limit}); "
+                             f"stopping. Lower train.lr, check the data, or resume from the last checkpoint.")
+                    raise SystemExit(f"error: {limit} consecutive non-finite losses at step {int(limit_at)} "
+                                     f"(train.max_consecutive_nonfinite={limit}); lower train.lr or check the data")
                 now = time.perf_counter()
-                log.metrics({"step": step, "loss": window_loss / window_n if window_n else float("nan"),
-                             "lr": lr_at(step - 1, cfg), "grad_norm": grad_norm,
-                             "images_per_s": window_images / max(now - window_t, 1e-9),
+                log.metrics({"step": step, "loss": loss_total / finite if finite else float("nan"),
+                             "lr": lr_at(step - 1, cfg), "grad_norm": norm_value,
+                             "images_per_s": shared[1] / max(now - window_t, 1e-9),
                              "nonfinite_steps": counters["nonfinite_steps"],
                              "skipped_samples": counters["skipped_samples"], "elapsed_s": now - start_time})
-                window_loss, window_n, window_t, window_images = 0.0, 0, now, 0
-            if stats[2] > 0:
+                window.zero_()
+                window_t, window_images, window_skipped = now, 0, 0
+            elif d.enabled:
+                stop_flag = False  # ranks agree on a stop at the log steps only
+            if stop_flag:
                 log.info(f"step {step}: stop requested (SIGTERM/SIGINT); saving and exiting")
                 checkpoint_now()
                 break
