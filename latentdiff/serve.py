@@ -253,7 +253,7 @@ class Worker:
     def __init__(self, checkpoints: list[Checkpoint], config: ServeConfig, device="auto", dtype=None,
                  outdir: str | None = None):
         self.checkpoints, self.config, self.device, self.dtype = checkpoints, config, device, dtype
-        self.outdir = outdir
+        self.outdir = os.path.join(str(outdir), "") if outdir else None  # always a folder, even one named x.png
         self.selected = checkpoints[0]
         self.clip_skip = 1  # A1111's CLIP_stop_at_last_layers: 1 is the model's own layer
         self.live_preview = config.live_preview
@@ -363,7 +363,7 @@ class Worker:
                     for job, result in zip(group, self._run(group)):
                         job.future.set_result(result)
             except Exception as e:  # noqa: BLE001 - every error goes back to the request that caused it
-                if not isinstance(e, (ApiError, ValueError)):
+                if not isinstance(e, ApiError):
                     log.exception("job failed")
                 for job in group:
                     if not job.future.done():
@@ -380,8 +380,11 @@ class Worker:
         head = group[0]
         self.load(head.checkpoint)
         pipe = self.pipe
-        pipe.check(steps=head.steps, height=head.height, width=head.width, guidance=head.cfg_scale,
-                   strength=head.strength)
+        try:  # again for this model: the request was checked against the one loaded then
+            pipe.check(steps=head.steps, height=head.height, width=head.width, guidance=head.cfg_scale,
+                       strength=head.strength)
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
         if len(group) == 1:  # A1111's n_iter: batches of batch_size, one after another
             chunks = [(i, i + head.batch_size) for i in range(0, len(head.seeds), head.batch_size)]
         else:
@@ -549,10 +552,12 @@ class Guard:
                                      [(b"www-authenticate", b'Basic realm="latentdiff"')])
         if scope["type"] == "websocket":
             return await self._reply(scope, send, 404, "Not Found")
+        if b"transfer-encoding" in headers:  # every client we serve sends a length; chunked bodies would be unbounded
+            return await self._reply(scope, send, 411, "Send the request body with a Content-Length")
         try:
             length = int(headers.get(b"content-length", b"0"))
         except ValueError:
-            length = 0
+            length = self.max_body + 1
         if length > self.max_body:
             return await self._reply(scope, send, 413, f"Request body over {self.max_body // 2**20} MB")
 
@@ -671,7 +676,7 @@ def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None)
             raise ApiError(422, "init_images is empty: give one base64 image")
         if len(req.init_images) > 1:
             raise ApiError(422, "latentdiff takes one init image per request (got %d)" % len(req.init_images))
-        image = decode_image(req.init_images[0], config.max_pixels)
+        image = await asyncio.to_thread(decode_image, req.init_images[0], config.max_pixels)
         return await run_job(req, make_job(req, image.convert("RGB")))
 
     @app.get("/sdapi/v1/samplers")
@@ -748,7 +753,7 @@ def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None)
 
     @app.post("/sdapi/v1/png-info")
     async def pnginfo(req: PngInfoRequest):
-        return png_info(decode_image(req.image, config.max_pixels))
+        return png_info(await asyncio.to_thread(decode_image, req.image, config.max_pixels))
 
     @app.get("/")
     async def index():
@@ -836,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(or set LATENTDIFF_API_AUTH), or --insecure-no-auth if that network is trusted")
         if not 0 < args.port < 65536:
             raise UsageError(f"--port must be in 1..65535 (got {args.port})")
+        if args.outdir:
+            from .generate import output_paths
+            output_paths(os.path.join(args.outdir, ""), [])  # a folder we cannot write is a start-up error
         worker = Worker(find_checkpoints(args.checkpoint), config, args.device, args.dtype, args.outdir)
         try:
             worker.start()

@@ -45,10 +45,10 @@ def generated(tmp_path, name, *argv) -> Image.Image:
 class InProcess:
     """The app on uvicorn in a thread of this process, on a free loopback port."""
 
-    def __init__(self, checkpoints, config=serve.ServeConfig(), credentials=None):
+    def __init__(self, checkpoints, config=serve.ServeConfig(), credentials=None, outdir=None):
         import uvicorn
         self.worker = serve.Worker([serve.Checkpoint(Path(c).resolve(), hashlib.sha256(Path(c).read_bytes()).hexdigest())
-                                    for c in checkpoints], config, device="cpu")
+                                    for c in checkpoints], config, device="cpu", outdir=outdir)
         self.worker.start()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -242,6 +242,47 @@ def test_interrupt_stops_the_job_and_progress_shows_steps_and_preview(server):
     assert json.loads(r.json()["info"])["interrupted"] is False
 
 
+def test_models_selectable_by_title_and_save_images(tiny_config, tiny_checkpoint, tmp_path):
+    from conftest import build_models
+    from latentdiff.checkpoint import save_models
+    other = tmp_path / "other.safetensors"
+    models = build_models(tiny_config, seed=1)
+    save_models(other, models.config, models.unet, models.vae, models.text)
+    s = InProcess([tiny_checkpoint, other], outdir=tmp_path / "out")
+    try:
+        titles = [m["title"] for m in s.get("sd-models").json()]
+        assert [t.split(" [")[0] for t in titles] == ["tiny", "other"]
+        body = {"prompt": "a kite", "seed": 9, "steps": 2, "width": 64, "height": 64}
+
+        def image(r):
+            assert r.status_code == 200, r.text
+            return pixels(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+
+        first = s.post("txt2img", body)
+        once = s.post("txt2img", dict(body, override_settings={"sd_model_checkpoint": titles[1]}, save_images=True))
+        assert json.loads(once.json()["info"])["sd_model_name"] == "other"
+        assert not np.array_equal(image(first), image(once))
+        assert s.get("options").json()["sd_model_checkpoint"] == titles[0]  # an override lasts one request
+        assert s.post("options", {"sd_model_checkpoint": "other.safetensors"}).status_code == 200  # A1111's aliases
+        assert s.get("options").json()["sd_model_checkpoint"] == titles[1]
+        assert np.array_equal(image(s.post("txt2img", body)), image(once))
+        saved = sorted((tmp_path / "out").iterdir())  # save_images=true writes into the server's --outdir only
+        assert [p.name for p in saved] == ["a-kite-9.png"]
+        assert np.array_equal(pixels(Image.open(saved[0])), image(once))
+        assert "Model: other" in Image.open(saved[0]).info["parameters"]
+    finally:
+        s.close()
+
+
+def test_limits_from_a_config_file(tmp_path):
+    (tmp_path / "serve.yaml").write_text("serve:\n  max_steps: 10\n  max_queue: 2\n")
+    c = serve.load_config(str(tmp_path / "serve.yaml"), ["--serve.max_queue=5"])
+    assert (c.max_steps, c.max_queue, c.max_images) == (10, 5, serve.ServeConfig().max_images)
+    (tmp_path / "bad.yaml").write_text("serve:\n  max_step: 10\n")
+    with pytest.raises(serve.UsageError, match="unknown config key.*serve.max_step.*valid keys"):
+        serve.load_config(str(tmp_path / "bad.yaml"), [])
+
+
 def test_full_queue_answers_503_at_once(tiny_checkpoint):
     s = InProcess([tiny_checkpoint], serve.ServeConfig(max_queue=0))
     try:
@@ -294,6 +335,14 @@ def test_no_route_reads_or_reveals_a_path(server, tiny_checkpoint, tmp_path):
                  "/static//etc/passwd", "/../../etc/passwd"]:
         r = requests.get(server.url + path, timeout=30)
         assert r.status_code == 404 and "import" not in r.text and "root:" not in r.text, path
+    # Bodies are bounded: a declared length over the cap, or no length at all, is refused before reading.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # requests would fix the length
+        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n{" % (60 * 2**20))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+    r = requests.post(server.url + "/sdapi/v1/txt2img", data=iter([b'{"prompt": "x"}']), timeout=30,
+                      headers={"Content-Type": "application/json"})  # a generator body is sent chunked
+    assert r.status_code == 411
     # A path where a model title belongs is not a model, and unknown options (A1111's output folders) are ignored.
     r = server.post("options", {"sd_model_checkpoint": str(tiny_checkpoint)})
     assert r.status_code == 404

@@ -69,8 +69,8 @@ async function generate(ev) {
   try {
     const r = await api("txt2img", body);
     const info = JSON.parse(r.info);
-    r.images.forEach((b64, i) => addResult(b64, info.infotexts[i],
-      Object.assign({}, r.parameters, { seed: info.all_seeds[i], batch_size: 1 })));
+    for (let i = r.images.length - 1; i >= 0; i--)  // prepended last first, so a batch reads in seed order
+      addResult(r.images[i], info.infotexts[i], Object.assign({}, r.parameters, { seed: info.all_seeds[i], batch_size: 1 }));
     $("bar").style.width = "100%";
     $("status").textContent = (info.interrupted ? "interrupted: " : "done: ") + `seed ${info.seed}`;
   } catch (e) {
