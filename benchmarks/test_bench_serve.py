@@ -68,7 +68,7 @@ def test_serve_throughput(tmp_path, bench, cpu_threads):
         worker, server, thread, url = start(checkpoint, merge)
         try:
             row = measure(url, clients)
-            merged = worker.batches[2:]  # after the warm-up
+            merged = list(worker.batches)[2:]  # after the warm-up
             row.update(case=label, merge_images=merge, mean_batch=sum(merged) / len(merged))
             rows.append(row)
         finally:

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +51,7 @@ class ServeConfig:
     max_queue: int = 32  # requests waiting behind the running one; more get 503 at once
     merge_images: int = 8  # waiting txt2img requests are merged into one U-Net batch of up to this many images
     max_body_mb: float = 50.0  # request bodies carry base64 images
+    max_prompt_chars: int = 10000  # per prompt; long prompts are encoded in 75-token chunks
     live_preview: bool = True  # /progress may return the predicted x0 of the first image
 
 
@@ -229,6 +230,13 @@ class Job:
                 self.height, self.clip_skip)
 
 
+@dataclass
+class Task:
+    """A function to run on the worker in turn with the jobs (a model switch)."""
+    fn: Callable
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+
 class _Interrupted(Exception):
     def __init__(self, denoised):
         self.denoised = denoised
@@ -267,7 +275,7 @@ class Worker:
         self.stop = threading.Event()
         self.want_preview = threading.Event()
         self.closed = False
-        self.batches: list[int] = []  # images per U-Net batch run, for tests and benchmarks
+        self.batches = collections.deque(maxlen=1000)  # images per U-Net batch, latest last (tests, benchmarks)
         self.thread = threading.Thread(target=self._loop, name="latentdiff-worker", daemon=True)
 
     def start(self):
@@ -357,8 +365,8 @@ class Worker:
                 self.running = group
                 self.stop.clear()
             try:
-                if callable(group[0]):  # a plain function to run on the worker (model switch)
-                    group[0].future.set_result(group[0]())
+                if isinstance(group[0], Task):
+                    group[0].future.set_result(group[0].fn())
                 else:
                     for job, result in zip(group, self._run(group)):
                         job.future.set_result(result)
@@ -394,7 +402,7 @@ class Worker:
         seeds = [s for j in group for s in j.seeds]
         stamp = time.strftime("%Y%m%d%H%M%S")
         with self.cond:
-            self.progress = Progress(job=f"txt2img" if head.init_image is None else "img2img",
+            self.progress = Progress(job="txt2img" if head.init_image is None else "img2img",
                                      job_count=len(chunks), time_start=time.time(), job_timestamp=stamp,
                                      sampling_steps=head.steps)
         images, interrupted = [], False
@@ -418,12 +426,12 @@ class Worker:
                     raise _Interrupted(info["denoised"])
 
             gens = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[a:b]]
+            img2img = {"init_image": head.init_image, "strength": head.strength} if head.init_image is not None else {}
             try:
                 result = pipe(prompts[a:b], negatives[a:b], num_images=1, seed=seeds[a], generators=gens,
                               steps=head.steps, sampler=sampler_string(head.sampler, head.kind),
                               guidance=head.cfg_scale, height=head.height, width=head.width,
-                              init_image=head.init_image, strength=head.strength or 0.75,
-                              clip_skip=head.clip_skip, callback=on_step, progress=False)
+                              clip_skip=head.clip_skip, callback=on_step, progress=False, **img2img)
                 images += result.images
             except _Interrupted as e:  # as A1111: the images as far as they got (here: their predicted x0)
                 with torch.no_grad():
@@ -470,7 +478,6 @@ class Worker:
 # The HTTP side: request models, routes, auth
 
 
-
 class Txt2Img(BaseModel):
     """A1111's txt2img fields we act on; unknown fields are ignored, as A1111's API ignores them."""
     model_config = ConfigDict(extra="ignore")
@@ -512,7 +519,8 @@ class PngInfoRequest(BaseModel):
 
 
 def _error_body(status: int, detail, error: str = "HTTPException") -> dict:
-    return {"error": error, "detail": detail, "body": "", "errors": f"{status}: {detail}" if isinstance(detail, str) else str(detail)}
+    errors = f"{status}: {detail}" if isinstance(detail, str) else str(detail)
+    return {"error": error, "detail": detail, "body": "", "errors": errors}
 
 
 class Guard:
@@ -649,6 +657,8 @@ def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None)
         clip = over.get("CLIP_stop_at_last_layers", worker.clip_skip)
         if not isinstance(clip, int) or clip < 1:
             problems.append(f"CLIP_stop_at_last_layers must be an integer >= 1 (got {clip!r})")
+        if max(len(req.prompt), len(req.negative_prompt)) > config.max_prompt_chars:
+            problems.append(f"prompts may have at most {config.max_prompt_chars} characters")
         if problems:
             raise ApiError(422, "; ".join(problems))
         seed = random.randrange(2**32) if req.seed == -1 else req.seed
@@ -722,9 +732,7 @@ def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None)
             worker.live_preview = bool(req["live_previews_enable"]) and config.live_preview
         if req.get("sd_model_checkpoint") and req["sd_model_checkpoint"] != worker.selected.title:
             ckpt = worker.find(str(req["sd_model_checkpoint"]))
-            task = lambda: worker.load(ckpt)  # noqa: E731 - loads on the worker, in turn with the jobs
-            task.future = concurrent.futures.Future()
-            await asyncio.wrap_future(worker.submit(task))
+            await asyncio.wrap_future(worker.submit(Task(lambda: worker.load(ckpt))))
             worker.selected = ckpt
         return None
 

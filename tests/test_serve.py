@@ -185,6 +185,7 @@ def test_errors_have_a1111_shape_and_status(server):
     check(server.post("txt2img", {"prompt": "x", "width": 4096, "height": 64}), 422, "over this server's limit")
     check(server.post("txt2img", {"prompt": "x", "batch_size": 9, "n_iter": 2}), 422, "batch_size * n_iter")
     check(server.post("txt2img", {"prompt": "x", "enable_hr": True}), 422, "enable_hr")
+    check(server.post("txt2img", {"prompt": "x" * 10001}), 422, "at most 10000 characters")
     check(server.post("txt2img", {"prompt": "x", "sampler_name": "LMS"}), 404, "Sampler not found")
     check(server.post("txt2img", {"prompt": "x", "scheduler": "Beta"}), 404, "Scheduler not found")
     check(server.post("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}}), 404, "Model not found")
@@ -210,7 +211,7 @@ def test_waiting_requests_merge_into_one_batch_with_the_same_images(server, tiny
         wait_until(lambda: server.worker.queued() == 3 or blocker.done())
         assert not blocker.done(), "the blocking request finished before the others queued; make it longer"
         results = [f.result() for f in futures]
-    assert server.worker.batches[runs:] == [1, 3]  # the blocker alone, then the three waiting requests at once
+    assert list(server.worker.batches)[runs:] == [1, 3]  # the blocker alone, then the three waiting requests at once
     for (prompt, seed), r in zip([("a cat", 1), ("a dog", 2), ("a cow", 3)], results):
         image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
         ref = generated(tmp_path, prompt, prompt, "--checkpoint", tiny_checkpoint, "--seed", seed, "--steps", 2,
