@@ -502,6 +502,7 @@ class Txt2Img(BaseModel):
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
 
@@ -621,6 +622,7 @@ def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None)
         unsupported = [name for name, on in [
             ("enable_hr (hires fix)", req.enable_hr), ("subseed_strength (variation seeds)", req.subseed_strength),
             ("restore_faces", req.restore_faces), ("tiling", req.tiling), ("script_name", req.script_name),
+            ("alwayson_scripts (extensions)", req.alwayson_scripts),
             ("styles", req.styles), ("mask (inpainting)", getattr(req, "mask", None))] if on]
         if unsupported:
             raise ApiError(422, f"Not supported by latentdiff: {', '.join(unsupported)}; leave them out")

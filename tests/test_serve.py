@@ -186,6 +186,7 @@ def test_errors_have_a1111_shape_and_status(server):
     check(server.post("txt2img", {"prompt": "x", "batch_size": 9, "n_iter": 2}), 422, "batch_size * n_iter")
     check(server.post("txt2img", {"prompt": "x", "enable_hr": True}), 422, "enable_hr")
     check(server.post("txt2img", {"prompt": "x" * 10001}), 422, "at most 10000 characters")
+    check(server.post("txt2img", {"prompt": "x", "alwayson_scripts": {"ControlNet": {"args": []}}}), 422, "alwayson")
     check(server.post("txt2img", {"prompt": "x", "sampler_name": "LMS"}), 404, "Sampler not found")
     check(server.post("txt2img", {"prompt": "x", "scheduler": "Beta"}), 404, "Scheduler not found")
     check(server.post("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}}), 404, "Model not found")
@@ -430,6 +431,7 @@ def test_real_process_concurrent_clients_queue_limit_and_memory(tiny_checkpoint,
         assert np.abs(pixels(alone.image) - pixels(results[7].image)).max() <= 1
         assert not np.array_equal(pixels(results[0].image), pixels(results[3].image))  # seeds differ
         grown = rss_mb(proc.pid) - baseline
+        print(f"server RSS: baseline {baseline:.0f} MB, +{grown:.1f} MB after 24 requests from 3 clients")
         assert grown < 40, f"server RSS grew {grown:.1f} MB over its baseline of {baseline:.0f} MB"
 
         # Many more clients than the queue holds: some 503 at once, the rest succeed, the server stays up.
