@@ -417,8 +417,8 @@ def test_real_process_concurrent_clients_queue_limit_and_memory(tiny_checkpoint,
         def one(seed):
             return api.txt2img(prompt=f"image {seed % 3}", seed=seed, steps=2, width=64, height=64, cfg_scale=3.0)
 
-        for seed in range(4):  # warm-up: allocator and caches reach their steady state
-            one(seed)
+        with ThreadPoolExecutor(3) as pool:  # warm-up under the same load: allocator caches reach their steady state
+            list(pool.map(one, range(12)))
         baseline = rss_mb(proc.pid)
         t = time.time()
         with ThreadPoolExecutor(3) as pool:  # 3 clients: never more than the 3 the queue holds
