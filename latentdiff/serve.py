@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import socket
 import sys
 import threading
 import time
@@ -285,6 +286,7 @@ class Worker:
     def close(self):
         with self.cond:
             self.closed = True
+            self.stop.set()  # a running job ends at its next step
             self.cond.notify_all()
         self.thread.join(timeout=30)
 
@@ -357,29 +359,29 @@ class Worker:
                 group = [self.waiting.popleft()]
                 key = group[0].key() if isinstance(group[0], Job) else None
                 if key is not None:
+                    n = len(group[0].seeds)
                     for job in list(self.waiting):
-                        n = sum(len(j.seeds) for j in group) + len(job.seeds)
-                        if isinstance(job, Job) and job.key() == key and n <= self.config.merge_images:
+                        if isinstance(job, Job) and job.key() == key and n + len(job.seeds) <= self.config.merge_images:
                             group.append(job)
                             self.waiting.remove(job)
+                            n += len(job.seeds)
                 self.running = group
                 self.stop.clear()
+            results, error = None, None
             try:
-                if isinstance(group[0], Task):
-                    group[0].future.set_result(group[0].fn())
-                else:
-                    for job, result in zip(group, self._run(group)):
-                        job.future.set_result(result)
-            except Exception as e:  # noqa: BLE001 - every error goes back to the request that caused it
+                results = [group[0].fn()] if isinstance(group[0], Task) else self._run(group)
+            except Exception as e:  # noqa: BLE001 - every error goes back to the requests that caused it
+                error = e
                 if not isinstance(e, ApiError):
                     log.exception("job failed")
-                for job in group:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-            finally:
-                with self.cond:
-                    self.running = []
-                    self.progress = Progress()
+            with self.cond:  # idle again before anyone hears back, so a client's next /progress already says so
+                self.running = []
+                self.progress = Progress()
+            for i, job in enumerate(group):
+                if error is None:
+                    job.future.set_result(results[i])
+                else:
+                    job.future.set_exception(error)
 
     def _run(self, group: list[Job]) -> list[dict]:
         """Run merged jobs (or one job's n_iter iterations) through the pipeline; returns one answer per job."""
@@ -866,15 +868,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    app = create_app(worker, credentials)
+    try:  # bound here, so a taken port is one line of error rather than uvicorn's log and exit
+        family, kind, proto, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        worker.close()
+        print(f"{parser.prog}: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"latentdiff: serving {worker.selected.title} at http://{shown}:{args.port}/"
           f"{' (Basic auth on)' if credentials else ''}", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(worker, credentials), log_level="warning", server_header=False))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)
-    except (OSError, SystemExit) as e:
-        print(f"{parser.prog}: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
+        server.run(sockets=[sock])
     finally:
         worker.close()
     return 0

@@ -373,6 +373,12 @@ def test_bind_without_auth_refused_and_missing_model_one_line(tiny_checkpoint, c
     assert len(err.splitlines()) == 1 and "no model to serve" in err and "--checkpoint" in err
     assert serve.main(["--checkpoint", str(tiny_checkpoint), "--serve.max_stepz=3"]) == 2
     assert "unknown config key(s) serve.max_stepz" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert serve.main(["--checkpoint", str(tiny_checkpoint), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot listen on 127.0.0.1:" in err and "in use" in err
     assert [serve.is_loopback(h) for h in ["127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "0.0.0.0", "::",
                                            "192.168.1.2", "example.com"]] == [True] * 5 + [False] * 4
 
