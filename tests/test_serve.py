@@ -322,6 +322,16 @@ def test_basic_auth_on_every_route(tiny_checkpoint):
         assert r.status_code == 401
         api = webuiapi.WebUIApi(port=s.port, username="bob", password="hunter2", sampler="Euler a", steps=1)
         assert api.txt2img(prompt="x", width=64, height=64).image.size == (64, 64)
+        # Open WebUI's calls, in its order: options, the whole dict back with a model title, sd-models, txt2img.
+        auth = {"authorization": "Basic " + base64.b64encode(b"ann:s3cret:pw").decode()}
+        options = requests.get(s.url + "/sdapi/v1/options", headers=auth, timeout=30).json()
+        models = requests.get(s.url + "/sdapi/v1/sd-models", headers=auth, timeout=30).json()
+        options["sd_model_checkpoint"] = models[0]["title"]
+        assert requests.post(s.url + "/sdapi/v1/options", json=options, headers=auth, timeout=30).status_code == 200
+        r = requests.post(s.url + "/sdapi/v1/txt2img", headers=auth, timeout=60, json={
+            "prompt": "a fox", "batch_size": 2, "width": 64, "height": 64, "steps": 2, "negative_prompt": "",
+            "cfg_scale": 7.0, "sampler_name": "Euler a", "scheduler": "Karras"}).json()
+        assert [Image.open(io.BytesIO(base64.b64decode(b))).size for b in r["images"]] == [(64, 64)] * 2
     finally:
         s.close()
 
@@ -436,6 +446,14 @@ def test_real_process_concurrent_clients_queue_limit_and_memory(tiny_checkpoint,
         alone = one(107)
         assert np.abs(pixels(alone.image) - pixels(results[7].image)).max() <= 1
         assert not np.array_equal(pixels(results[0].image), pixels(results[3].image))  # seeds differ
+        # The rest of webuiapi's calls against the process: img2img, png-info, samplers, models, options, progress.
+        r = api.img2img(images=[results[0].image], prompt="again", seed=5, steps=2, width=64, height=64,
+                        denoising_strength=0.6)
+        assert r.image.size == (64, 64) and r.info["all_seeds"] == [5]
+        assert api.png_info(r.image).info.startswith("again\nSteps: 2")
+        assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+        assert api.util_get_model_names() == [api.util_get_current_model()]
+        assert api.get_progress()["state"]["job_count"] == 0
         grown = rss_mb(proc.pid) - baseline
         print(f"server RSS: baseline {baseline:.0f} MB, +{grown:.1f} MB after 24 requests from 3 clients")
         assert grown < 40, f"server RSS grew {grown:.1f} MB over its baseline of {baseline:.0f} MB"
