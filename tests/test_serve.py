@@ -423,6 +423,7 @@ def start_process(checkpoint, *extra, port=None):
             time.sleep(0.2)
 
 
+@pytest.mark.slow  # a server process start and ~60 requests: ~15 s on 2 cores
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
 def test_real_process_concurrent_clients_queue_limit_and_memory(tiny_checkpoint, tmp_path):
     proc, url = start_process(tiny_checkpoint, "--serve.max_queue=3", "--serve.merge_images=4")

@@ -31,6 +31,7 @@ def browser(tmp_path):
     driver.quit()
 
 
+@pytest.mark.slow  # a server process and a browser start: ~20 s on 2 cores
 def test_page_generates_with_a_moving_progress_bar(browser, tiny_checkpoint, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
