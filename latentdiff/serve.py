@@ -94,7 +94,7 @@ def resolve_sampler(name: str | None, scheduler: str | None, default: str) -> tu
         if not hit:
             raise ApiError(404, f"Scheduler not found: {scheduler!r}; valid: {', '.join(v[0] for v in SCHEDULERS.values())}")
         kind = SCHEDULERS[hit[0]][1]
-    return SAMPLER_TITLES[spec.name], kind
+    return SAMPLER_TITLES.get(spec.name, spec.name), kind
 
 
 def sampler_string(title: str, kind: str) -> str:
@@ -534,8 +534,9 @@ class Guard:
                (b"content-security-policy",
                 b"default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'")]
 
-    def __init__(self, app, credentials: list[tuple[str, str]] | None, max_body: int):
+    def __init__(self, app, credentials: list[tuple[str, str]] | None, max_body: int, check_host: bool = False):
         self.app = app
+        self.check_host = check_host
         digest = lambda s: hashlib.sha256(s.encode()).digest()  # noqa: E731 - equal lengths for compare_digest
         self.credentials = [(digest(u), digest(p)) for u, p in credentials] if credentials else None
         self.max_body = max_body
@@ -561,6 +562,10 @@ class Guard:
         if self.credentials is not None and not self.authorized(headers.get(b"authorization")):
             return await self._reply(scope, send, 401, "Incorrect username or password",
                                      [(b"www-authenticate", b'Basic realm="latentdiff"')])
+        if self.check_host and not is_loopback(_hostname(headers.get(b"host", b""))):
+            # A loopback server without auth: a page elsewhere that points its own name at 127.0.0.1 (DNS
+            # rebinding) would otherwise be same-origin with us and could read every answer.
+            return await self._reply(scope, send, 400, "Host not allowed: this server answers only to localhost")
         if scope["type"] == "websocket":
             return await self._reply(scope, send, 404, "Not Found")
         if b"transfer-encoding" in headers:  # every client we serve sends a length; chunked bodies would be unbounded
@@ -588,8 +593,9 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None):
-    """The ASGI app: A1111's routes on `worker`, the page at `/`, behind Guard."""
+def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None, loopback: bool = True):
+    """The ASGI app: A1111's routes on `worker`, the page at `/`, behind Guard (loopback: bound to a loopback
+    address, so without credentials only requests naming a loopback host are answered)."""
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -698,8 +704,8 @@ def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None)
         from .samplers import SAMPLER_NAMES
         out = []
         for name in SAMPLER_NAMES:
-            aliases = [K_NAMES[name], name, f"sample_{name}"]
-            out.append({"name": SAMPLER_TITLES[name], "aliases": list(dict.fromkeys(aliases)), "options": {}})
+            aliases = list(dict.fromkeys([K_NAMES.get(name, name), name, f"sample_{name}"]))
+            out.append({"name": SAMPLER_TITLES.get(name, name), "aliases": aliases, "options": {}})
         return out
 
     @app.get("/sdapi/v1/schedulers")
@@ -777,7 +783,7 @@ def create_app(worker: Worker, credentials: list[tuple[str, str]] | None = None)
             raise ApiError(404, "Not Found")
         return Response(static[name], media_type=STATIC_FILES[name] + "; charset=utf-8")
 
-    return Guard(app, credentials, int(config.max_body_mb * 2**20))
+    return Guard(app, credentials, int(config.max_body_mb * 2**20), check_host=loopback and not credentials)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,6 +801,14 @@ def parse_credentials(text: str | None) -> list[tuple[str, str]] | None:
             raise UsageError("--api-auth must look like USER:PASSWORD (several: USER:PASS,USER2:PASS2)")
         pairs.append((user, password))
     return pairs
+
+
+def _hostname(host: bytes) -> str:
+    """The name in a Host header, without its port: b'[::1]:7860' -> '::1', b'localhost:7860' -> 'localhost'."""
+    text = host.decode("latin-1").strip()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
 def is_loopback(host: str) -> bool:
@@ -880,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"latentdiff: serving {worker.selected.title} at http://{shown}:{args.port}/"
           f"{' (Basic auth on)' if credentials else ''}", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(worker, credentials), log_level="warning", server_header=False))
+    app = create_app(worker, credentials, loopback=is_loopback(args.host))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False))
     try:
         server.run(sockets=[sock])
     finally:

@@ -349,12 +349,16 @@ def test_no_route_reads_or_reveals_a_path(server, tiny_checkpoint, tmp_path):
         assert r.status_code == 404 and "import" not in r.text and "root:" not in r.text, path
     # Bodies are bounded: a declared length over the cap, or no length at all, is refused before reading.
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # requests would fix the length
-        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n{" % (60 * 2**20))
         assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
     r = requests.post(server.url + "/sdapi/v1/txt2img", data=iter([b'{"prompt": "x"}']), timeout=30,
                       headers={"Content-Type": "application/json"})  # a generator body is sent chunked
     assert r.status_code == 411
+    # Without auth on loopback, only requests that name a loopback host are answered (no DNS rebinding).
+    for host, status in [("evil.example", 400), ("evil.example:80", 400), ("127.0.0.1.evil.example", 400),
+                         (f"localhost:{server.port}", 200), (f"[::1]:{server.port}", 200), ("127.0.0.1", 200)]:
+        assert requests.get(server.url + "/sdapi/v1/options", headers={"Host": host}, timeout=30).status_code == status
     # A path where a model title belongs is not a model, and unknown options (A1111's output folders) are ignored.
     r = server.post("options", {"sd_model_checkpoint": str(tiny_checkpoint)})
     assert r.status_code == 404
