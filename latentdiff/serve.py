@@ -167,7 +167,7 @@ def png_base64(image: Image.Image, parameters: str | None = None) -> str:
 def decode_image(data: str, max_pixels: int) -> Image.Image:
     """A base64 string or data: URL -> a loaded PIL image. URLs are refused: the server fetches nothing."""
     data = (data or "").strip()
-    if data.startswith(("http://", "https://", "file:", "/")) or "://" in data[:16]:
+    if data.startswith(("http:", "https:", "file:")) or "://" in data[:16]:  # not "/": JPEG base64 is "/9j/..."
         raise ApiError(400, "Images must be base64 data or a data: URL; the server does not fetch URLs or read files")
     if data.startswith("data:"):
         data = data.partition(",")[2]

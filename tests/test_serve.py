@@ -171,6 +171,10 @@ def test_png_info(server):
     assert info["info"].startswith("a tree\nNegative prompt: fog\nSteps: 1")
     p = info["parameters"]
     assert (p["Prompt"], p["Negative prompt"], p["Seed"], p["Size-1"], p["Size-2"]) == ("a tree", "fog", "11", "64", "64")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="JPEG")  # its base64 starts with "/9j/", like a path
+    jpeg = base64.b64encode(buf.getvalue()).decode()
+    assert jpeg.startswith("/") and server.post("png-info", {"image": jpeg}).json()["info"] == ""
 
 
 def test_errors_have_a1111_shape_and_status(server):
