@@ -210,7 +210,7 @@ def test_waiting_requests_merge_into_one_batch_with_the_same_images(server, tiny
 
     runs = len(server.worker.batches)
     with ThreadPoolExecutor(4) as pool:
-        blocker = pool.submit(request, "slow", 0, 40)  # holds the worker while the others queue up
+        blocker = pool.submit(request, "slow", 0, 80)  # holds the worker while the others queue up
         wait_until(lambda: server.worker.running)
         futures = [pool.submit(request, p, s) for p, s in [("a cat", 1), ("a dog", 2), ("a cow", 3)]]
         wait_until(lambda: server.worker.queued() == 3 or blocker.done())
