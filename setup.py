@@ -81,13 +81,16 @@ setup(
     python_requires=">=3.10",
     packages=["latentdiff", "latentdiff.configs"],
     package_dir={"latentdiff.configs": "configs"},
-    package_data={"latentdiff": ["weights/*.safetensors"], "latentdiff.configs": ["*.yaml"]},
+    package_data={"latentdiff": ["weights/*.safetensors", "static/*"], "latentdiff.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
     install_requires=["torch>=2.4", "open_clip_torch>=2.26.1", "ninja", "pybind11", "webdataset>=0.2.80", "einops",
-                      "safetensors>=0.4", "pillow", "tqdm", "pyyaml"],
+                      "safetensors>=0.4", "pillow", "tqdm", "pyyaml",
+                      "fastapi>=0.100", "uvicorn>=0.23"],  # python -m latentdiff.serve
     extras_require={"data": ["emoji>=2.10"],  # emoji aliases for `python -m latentdiff.data emoji`
-                    "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "emoji>=2.10"]},
-    entry_points={"console_scripts": ["latentdiff-generate=latentdiff.generate:main"]},
+                    "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "emoji>=2.10",
+                             "requests", "webuiapi>=0.9", "selenium>=4.10"]},  # serve: A1111's client, the page
+    entry_points={"console_scripts": ["latentdiff-generate=latentdiff.generate:main",
+                                      "latentdiff-serve=latentdiff.serve:main"]},
 )

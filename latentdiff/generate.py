@@ -45,10 +45,15 @@ def slug(text: str, n: int = 40) -> str:
 
 
 def file_hash(path: str | Path) -> str:
-    """A1111's short model hash: the first 10 hex digits of the file's SHA-256 (cached by size and mtime)."""
+    """A1111's short model hash: the first 10 hex digits of the file's SHA-256."""
+    return file_sha256(path)[:10]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 in hex, cached by path, size and mtime (checkpoints are gigabytes)."""
     path = Path(path).resolve()
     st = path.stat()
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latentdiff" / "hashes.json"
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latentdiff" / "sha256.json"
     key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
     try:
         cache = json.loads(cache_file.read_text())
@@ -59,7 +64,7 @@ def file_hash(path: str | Path) -> str:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
-        cache[key] = h.hexdigest()[:10]
+        cache[key] = h.hexdigest()
         try:
             with atomic_write(cache_file) as tmp:
                 tmp.write_text(json.dumps(cache))
