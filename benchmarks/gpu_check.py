@@ -69,27 +69,28 @@ def parts(out: Path) -> list[tuple[str, str, int]]:
          f"{PY} setup.py build_ext --inplace && {PY} -m latentdiff.info", 240),
         ("cuda-tests", f"LATENTDIFF_REQUIRE_EXT=1 {PY} -m pytest -q -p no:cacheprovider tests/test_ops.py "
          "tests/test_op_errors.py tests/test_extension.py -k 'cuda or gpu or sync or registered' && "
-         f"{PY} -m pytest -q -p no:cacheprovider -m gpu tests", 150),
+         f"{PY} -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_pipeline.py -m gpu", 150),
         ("generate", f"mkdir -p {ck} && {PY} -c {shlex.quote(MAKE_CHECKPOINTS)} {ck} && "
          f"{gen} --checkpoint {ck}/tiny.safetensors --dtype fp16 'a cat' && "
          f"{gen} --checkpoint {ck}/tiny.safetensors --dtype bf16 'a cat' && "
          f"{gen} --checkpoint {ck}/sd21-base.safetensors --dtype fp16 -W 512 -H 512 --steps 20 'a cat' && "
          f"{gen} --checkpoint {ck}/sd21-base.safetensors --dtype bf16 -W 512 -H 512 --steps 20 'a cat' && "
          f"{PY} -c {shlex.quote(MEMORY_ESTIMATE)} {ck}/sd21-base.safetensors", 150),
-        ("bench-pipeline", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_pipeline.py "
-         "-k sd21", 180),
-        ("bench-train", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_train.py -k gpu", 150),
         ("emoji-stage2", (f"STAGE2_ARGS='--data.in_memory=true' bash docs/experiments/emoji-recipe.sh stage2 "
                           f"{shlex.quote(emoji)} {shlex.quote(str(out / 'emoji'))} && {{ [ ! -d data/emoji ] || "
                           f"{PY} -m latentdiff.evaluate --checkpoint {shlex.quote(str(out / 'emoji'))}/emoji.safetensors "
                           f"--data data/emoji --device cuda --out {shlex.quote(str(out / 'emoji'))}/evaluate.json; }}"
                           if emoji else ""), 240),
+        ("bench-pipeline", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_pipeline.py "
+         "-k sd21", 180),
+        ("bench-train-emoji", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_train.py -k 'emoji and gpu'", 180),
         ("bench-ops", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_ops.py "
          "-k 'latency or bandwidth and cuda'", 120),
         ("sanitizer", f"compute-sanitizer --tool memcheck --error-exitcode 1 {PY} tests/test_op_errors.py cuda "
          f"> {shlex.quote(str(logs / 'sanitizer-table.json'))}", 120),
         ("bench-sdxl", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_pipeline.py "
          "-k sdxl", 180),
+        ("bench-train-sd21", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_train.py -k 'sd21 and gpu'", 150),
     ]
 
 
@@ -164,9 +165,9 @@ def main(argv=None) -> int:
         print(f"gpu_check: {rows[-1]['part']}: {rows[-1]['status']} ({rows[-1]['seconds']} s)", flush=True)
     summary = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "gpu": gpu, "parts": rows, "numbers": numbers(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{'part':<16}{'status':<9}{'seconds':>8}  last line")
+    print(f"\n{'part':<20}{'status':<9}{'seconds':>8}  last line")
     for r in rows:
-        print(f"{r['part']:<16}{r['status']:<9}{r['seconds']:>8}  {r['last']}")
+        print(f"{r['part']:<20}{r['status']:<9}{r['seconds']:>8}  {r['last']}")
     return 0 if all(r["status"] in ("pass", "skip") for r in rows) else 1
 
 

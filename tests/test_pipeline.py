@@ -151,13 +151,15 @@ def test_img2img_starts_from_the_q_sampled_image(pipe):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "DPM++ 2M Karras",
                                      "dpmpp_2m_sde"])
-def test_sampling_loop_has_no_host_device_syncs(tiny_checkpoint, sampler):
-    """torch.cuda.set_sync_debug_mode("error") raises on any sync: the whole loop must run without one."""
+@pytest.mark.parametrize("graphed", [False, True])
+def test_sampling_loop_has_no_host_device_syncs(tiny_checkpoint, sampler, graphed):
+    """torch.cuda.set_sync_debug_mode("error") raises on any sync: the whole loop must run without one, with the
+    eager U-Net and with the CUDA-graph replay the pipeline uses (captured in the warm-up run)."""
     from latentdiff.samplers import NoiseSampler, get_sampler
     pipe = Pipeline.from_checkpoint(tiny_checkpoint, device="cuda", dtype="fp16")
     spec = get_sampler(sampler)
     sigmas = spec.sigmas(pipe.schedule, 8)
-    den = UNetDenoiser(pipe.unet, pipe.schedule, "epsilon", pipe.encode_prompts(["a cat"], [""]), 7.5, dtype=pipe.dtype)
+    den = UNetDenoiser(pipe.unet_call if graphed else pipe.unet, pipe.schedule, "epsilon", pipe.encode_prompts(["a cat"], [""]), 7.5, dtype=pipe.dtype)
     noise = NoiseSampler([torch.Generator("cuda").manual_seed(0)])
     x = noise(torch.empty(1, 4, 16, 16, device="cuda")) * math.sqrt(1 + float(sigmas[0]) ** 2)
     spec.fn(den, x, sigmas, noise=noise, disable=True)  # warm-up: lazy init may sync once
