@@ -162,14 +162,16 @@ def test_sampling_loop_has_no_host_device_syncs(tiny_checkpoint, sampler, graphe
     den = UNetDenoiser(pipe.unet_call if graphed else pipe.unet, pipe.schedule, "epsilon", pipe.encode_prompts(["a cat"], [""]), 7.5, dtype=pipe.dtype)
     noise = NoiseSampler([torch.Generator("cuda").manual_seed(0)])
     x = noise(torch.empty(1, 4, 16, 16, device="cuda")) * math.sqrt(1 + float(sigmas[0]) ** 2)
-    spec.fn(den, x, sigmas, noise=noise, disable=True)  # warm-up: lazy init may sync once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = spec.fn(den, x, sigmas, noise=noise, disable=True)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    with torch.no_grad():  # as the pipeline runs it (the graphs replay only without autograd)
+        spec.fn(den, x, sigmas, noise=noise, disable=True)  # warm-up: lazy init may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = spec.fn(den, x, sigmas, noise=noise, disable=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out).all()
+    assert not graphed or len(pipe.unet_call.graphs) == 1
 
 
 def test_given_latents_are_the_starting_noise(pipe):
