@@ -98,8 +98,9 @@ std::pair<std::vector<float>, std::vector<float>> row_coefficients(const at::Ten
   const int64_t rows = t.size(0), steps = sqrt_ab.size(0);
   std::vector<float> a(rows), s(rows);
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(tp[b] >= 0 && tp[b] < steps, "latentdiff: t[", b, "] = ", tp[b], " is out of range for a schedule of ",
-                steps, " steps (valid timesteps are 0..", steps - 1, ")");
+    LATENTDIFF_CHECK(tp[b] >= 0 && tp[b] < steps, "latentdiff: t[", b, "] = ", tp[b],
+                     " is out of range for a schedule of ",
+                                                   steps, " steps (valid timesteps are 0..", steps - 1, ")");
     a[b] = ap[tp[b]];
     s[b] = sp[tp[b]];
   }
@@ -157,9 +158,8 @@ void sampler_step_run_cpu(const at::Tensor& x, const at::Tensor& out, const at::
 }
 
 
-// Each op has one entry point for both devices, here in the host compiler's file: every check (and so every
-// exception a user's mistake raises) runs before the device's kernel runner is called, and the CUDA runners in
-// cuda/ops.cu throw only if a launch itself fails. A C++ exception then never starts in nvcc-compiled code.
+// Each op has one entry point for both devices: every check (and so every exception a user's mistake raises) runs
+// here, before the device's kernel runner is called; the CUDA runners in cuda/ops.cu throw only if a launch fails.
 void q_sample_run(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
                   const at::Tensor& sqrt_1m_ab, const at::Tensor& xt, const at::Tensor* target, int64_t prediction) {
 #ifdef LATENTDIFF_CUDA
@@ -168,7 +168,9 @@ void q_sample_run(const at::Tensor& x0, const at::Tensor& noise, const at::Tenso
   q_sample_run_cpu(x0, noise, t, sqrt_ab, sqrt_1m_ab, xt, target, prediction);
 }
 
-at::Tensor new_output_like(const at::Tensor& x) { return x.is_cuda() ? at::empty(x.sizes(), x.options()) : new_output(x); }
+at::Tensor new_output_like(const at::Tensor& x) {
+  return x.is_cuda() ? at::empty(x.sizes(), x.options()) : new_output(x);
+}
 
 at::Tensor q_sample(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
                     const at::Tensor& sqrt_1m_ab) {

@@ -66,3 +66,28 @@ print("ok")
     env.pop("LATENTDIFF_BACKEND", None)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_op_entry_points_format_no_numbers_with_iostream():
+    """The ops' checks build their messages as strings (csrc/checks.h, LATENTDIFF_CHECK): no call from an op's entry
+    point into iostream's number or shape printing, which crashed the process on the H200 image's toolchain."""
+    import re
+    import shutil
+
+    _import_extension()
+    import latentdiff._C as ext
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", ext.__file__], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    entry = re.compile(r"<latentdiff::\(anonymous namespace\)::(q_sample|q_sample_into|q_sample_target|sampler_step|"
+                       r"q_sample_run_cpu)\(")
+    printing = re.compile(r"_M_insert|ArrayRef<long>|operator<<|long const&")
+    calls, current = [], None
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            current = line if entry.search(line) else None
+        elif current and "call" in line:
+            calls.append(line)
+    assert calls, "no op entry point found in the extension's disassembly"
+    assert not [c for c in calls if printing.search(c)]
