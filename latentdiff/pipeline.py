@@ -297,9 +297,10 @@ class Pipeline:
         """Peak activation memory one image needs, an upper estimate: the U-Net's (twice with CFG), then the VAE's.
 
         U-Net: every skip connection lives until its output block, beside a dozen channel-widths of the widest
-        level being computed (GEGLU's 8x inner width and its product). VAE decoder: four tensors of the widest
-        channel count at each resolution. Attention is counted as linear in the tokens: SDPA's flash and
-        memory-efficient kernels never form the full score matrix.
+        level being computed (GEGLU's 8x inner width and its product). VAE decoder: six tensors of the widest
+        channel count at each resolution (SD 2.1 at 512x512 in fp16 measured 0.60 GiB on an H200, this gives 0.75).
+        Attention is counted as linear in the tokens: SDPA's flash and memory-efficient kernels never form the full
+        score matrix.
         """
         size = torch.finfo(self.dtype).bits // 8
         u, v = self.config.unet, self.config.vae
@@ -315,7 +316,7 @@ class Pipeline:
         for level, mult in enumerate(v.ch_mult):
             n = (-(-height // 2**level)) * (-(-width // 2**level))
             c = v.ch * max(v.ch_mult[level:level + 2])  # the level's own width and what the level above brings up
-            vae = max(vae, 4 * c * n * (torch.finfo(self.vae_dtype).bits // 8))
+            vae = max(vae, 6 * c * n * (torch.finfo(self.vae_dtype).bits // 8))
         latents = 4 * u.in_channels * h * w * 4  # x, the denoised estimate, noise and the step's output, float32
         return max(unet, vae) + latents
 
