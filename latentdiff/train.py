@@ -295,7 +295,7 @@ class EMA:
             weight = weight * ok
         for k, m in self.source.items():
             ema = [p for p in self.modules[k].parameters()]
-            src = [p.detach().float() for p in m.parameters()]
+            src = [p if p.dtype == torch.float32 else p.float() for p in m.parameters()]  # no_grad: no detach
             torch._foreach_lerp_(ema, src, weight.float())  # ema = d * ema + (1 - d) * p
             for be, bs in zip(self.modules[k].buffers(), m.buffers()):
                 be.copy_(bs if ok is None else torch.where(ok, bs, be))

@@ -257,3 +257,22 @@ def test_nonfinite_steps_inside_a_log_window_are_skipped_and_counted(latents, tm
     rows = (out / "log.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].split(",")[5] == "2"  # one log row at step 6: 2 non-finite steps in all
     assert math.isfinite(float(rows[1].split(",")[1]))  # the mean of the 4 finite steps
+
+
+def test_ema_step_is_skipped_on_the_device_when_not_ok():
+    """ema = d ema + (1 - d) p with d = min(decay, (1 + n) / (10 + n)), n counting only the ok updates."""
+    m = torch.nn.Linear(3, 2)
+    ema = train_mod.EMA({"m": m}, decay=0.9, warmup=True)
+    start = {k: v.clone() for k, v in ema.modules["m"].state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    ema.update(torch.tensor(False))
+    assert ema.updates == 0 and all(torch.equal(v, start[k]) for k, v in ema.modules["m"].state_dict().items())
+    for n in range(2):
+        before = {k: v.clone().double() for k, v in ema.modules["m"].state_dict().items()}
+        ema.update(torch.tensor(True))
+        d = min(0.9, (1 + n) / (10 + n))
+        for k, v in ema.modules["m"].state_dict().items():
+            torch.testing.assert_close(v.double(), d * before[k] + (1 - d) * m.state_dict()[k].double())
+    assert ema.updates == 2
