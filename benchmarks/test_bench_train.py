@@ -90,7 +90,7 @@ def test_bench_train_tiny_cpu(tmp_path):
     shards = image_shards(tmp_path / "shards", 2, 32, 32)
     tiny = ROOT / "configs" / "train-tiny.yaml"
     common = [f"--data.shards={shards}", "--data.resolution=32", "--data.batch_size=8", "--data.num_workers=1",
-              "--data.shuffle_buffer=16", "--train.warmup_steps=0"]
+              "--data.shuffle_buffer=16", "--train.warmup_steps=0", "--data.in_memory=false"]  # the streaming path
     unet = run_trainer(tiny, common + ["--train.steps=20"], tmp_path / "unet", warmup=5)
     vae = run_trainer(tiny, common + ["--train.steps=12", "--train.stage=vae"], tmp_path / "vae", warmup=4)
     loader = loader_rate(DataConfig(shards=shards, resolution=32, batch_size=8, num_workers=1, shuffle_buffer=16),

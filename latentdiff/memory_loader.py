@@ -5,7 +5,8 @@ Used by the trainer when data.in_memory is true, or auto and the decoded samples
 sample's captions at random, caption dropout to the empty prompt, a horizontal flip with data.hflip (the
 flipped latent from latent shards, the mirrored image from image shards). Each epoch is a permutation of the
 whole set, the same on every rank, of which rank r takes positions r, r + W, ...; batches run on across epoch
-ends, so every batch has data.batch_size samples and each epoch covers the set exactly once.
+ends, so every batch has data.batch_size samples and each epoch covers the set exactly once (so data.resample,
+data.shuffle_buffer and data.num_workers do not apply). Every rank holds the whole set.
 """
 from __future__ import annotations
 

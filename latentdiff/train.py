@@ -320,7 +320,7 @@ class EMA:
             weight = weight * ok
         for k, m in self.source.items():
             ema = [p for p in self.modules[k].parameters()]
-            src = [p.detach().float() for p in m.parameters()]
+            src = [p if p.dtype == torch.float32 else p.float() for p in m.parameters()]  # no_grad: no detach
             torch._foreach_lerp_(ema, src, weight.float())  # ema = d * ema + (1 - d) * p
             for be, bs in zip(self.modules[k].buffers(), m.buffers()):
                 be.copy_(bs if ok is None else torch.where(ok, bs, be))
@@ -742,10 +742,21 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
         run = torch.zeros((), dtype=torch.int64, device=d.device)
         limit_step = torch.zeros((), dtype=torch.int64, device=d.device)
         grad_norm = torch.full((), float("nan"), device=d.device)
-        window_t, window_images, window_skipped = time.perf_counter(), 0, 0
+        pending_nonfinite = torch.zeros((), dtype=torch.int64, device=d.device)  # not yet in counters
+        pending_skipped, window_t, window_images = 0, time.perf_counter(), 0
         start_time, start_step = time.perf_counter(), step
 
+        def fold_counters():
+            """Adds the steps and samples skipped since the last call (every rank's) to counters: a host sync."""
+            nonlocal pending_skipped
+            n = all_reduce_sum(torch.tensor([pending_skipped], dtype=torch.float64, device=d.device), d)
+            counters["skipped_samples"] += int(n.item())
+            counters["nonfinite_steps"] += int(pending_nonfinite.item())
+            pending_skipped = 0
+            pending_nonfinite.zero_()
+
         def checkpoint_now():
+            fold_counters()  # the saved counters include a partial log window
             path = save_checkpoint(out_dir, step, models, trained, ema, opt, gen, config_dict, counters, d,
                                    cfg.keep_last, fixed_batch["pixels"] if estimate_scale else None)
             log.info(f"step {step}: saved {path}")
@@ -762,7 +773,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
             loss_sum = torch.zeros((), device=d.device)
             for micro in range(cfg.grad_accum):
                 batch = next(data_iter)
-                window_skipped += int(batch.get("n_skipped", 0))
+                pending_skipped += int(batch.get("n_skipped", 0))
                 window_images += batch["latents" if "latents" in batch else "pixels"].shape[0]
                 batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 if fixed_batch is None and cfg.stage == "vae":
@@ -784,6 +795,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
             opt.step()
             ema.update(ok)
             window += torch.stack([torch.where(ok, loss_value.double(), 0.0), ok.double(), (~ok).double()])
+            pending_nonfinite += ~ok
             run = torch.where(ok, 0, run + 1)
             limit_step = torch.where((run >= cfg.max_consecutive_nonfinite) & (limit_step == 0), step + 1, limit_step)
             grad_norm = norm
@@ -793,15 +805,14 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
 
             stop_flag = stop.flag
             if step % cfg.log_every == 0 or step == cfg.steps:
-                # The one host sync of the window: the device numbers, and across ranks the skipped samples, the
-                # images and the stop flag (so every rank stops at the same step).
+                # The host syncs of the window: the device numbers, and across ranks the images, the stop flag (so
+                # every rank stops at the same step) and the skipped samples.
                 loss_total, finite, nonfinite, norm_value, limit_at = torch.cat(
                     [window, grad_norm.double().view(1), limit_step.double().view(1)]).tolist()
-                shared = all_reduce_sum(torch.tensor([window_skipped, window_images, float(stop.flag)],
-                                                     dtype=torch.float64, device=d.device), d).tolist()
-                counters["skipped_samples"] += int(shared[0])
-                counters["nonfinite_steps"] += int(nonfinite)
-                stop_flag = shared[2] > 0
+                images, stop_ranks = all_reduce_sum(torch.tensor([window_images, float(stop.flag)],
+                                                                 dtype=torch.float64, device=d.device), d).tolist()
+                stop_flag = stop_ranks > 0
+                fold_counters()
                 if nonfinite:
                     log.info(f"step {step}: {int(nonfinite)} step(s) with a non-finite loss or gradient norm in the "
                              f"last {int(finite + nonfinite)} skipped ({counters['nonfinite_steps']} in all)")
@@ -814,11 +825,11 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
                 now = time.perf_counter()
                 log.metrics({"step": step, "loss": loss_total / finite if finite else float("nan"),
                              "lr": lr_at(step - 1, cfg), "grad_norm": norm_value,
-                             "images_per_s": shared[1] / max(now - window_t, 1e-9),
+                             "images_per_s": images / max(now - window_t, 1e-9),
                              "nonfinite_steps": counters["nonfinite_steps"],
                              "skipped_samples": counters["skipped_samples"], "elapsed_s": now - start_time})
                 window.zero_()
-                window_t, window_images, window_skipped = now, 0, 0
+                window_t, window_images = now, 0
             elif d.enabled:
                 stop_flag = False  # ranks agree on a stop at the log steps only
             if stop_flag:

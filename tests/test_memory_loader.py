@@ -232,3 +232,48 @@ def test_no_host_sync_between_log_steps(latents, tmp_path, tiny_checkpoint, monk
     log_reads = [per_step[k] for k in (3, 7)]  # steps 5 and 9 carry the log reads of steps 4 and 8
     assert all(n > 0 for n in log_reads)
     assert [n for k, n in enumerate(per_step) if k not in (3, 7)] == [0] * 9
+
+
+def test_nonfinite_steps_inside_a_log_window_are_skipped_and_counted(latents, tmp_path, tiny_checkpoint,
+                                                                       monkeypatch):
+    """Steps 2 and 3 poisoned, read only at the log step 6: the checkpoint at step 5 already counts them, and
+    neither updated weights, optimizer or EMA."""
+    from latentdiff import diffusion
+    calls, real = [0], diffusion.training_batch
+
+    def poisoned(*args):
+        calls[0] += 1
+        x_t, target = real(*args)
+        return x_t, target * float("nan") if calls[0] in (2, 3) else target
+
+    monkeypatch.setattr(diffusion, "training_batch", poisoned)
+    out = tmp_path / "run"
+    train_mod.main(["--config", str(CONFIG), f"--data.shards={latents}", "--data.latents=true",
+                    f"--train.init={tiny_checkpoint}", f"--train.out_dir={out}", "--train.steps=6",
+                    "--train.warmup_steps=0", "--train.log_every=6", "--train.checkpoint_every=5", "--train.lr=1e-3"])
+    state = torch.load(out / "ckpt-00000005" / "state.pt", weights_only=True)
+    assert state["counters"]["nonfinite_steps"] == 2
+    assert state["ema"]["updates"] == 3
+    assert all(float(s["step"]) == 3 for s in state["optimizer"]["state"].values())
+    rows = (out / "log.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[5] == "2"  # one log row at step 6: 2 non-finite steps in all
+    assert math.isfinite(float(rows[1].split(",")[1]))  # the mean of the 4 finite steps
+
+
+def test_ema_step_is_skipped_on_the_device_when_not_ok():
+    """ema = d ema + (1 - d) p with d = min(decay, (1 + n) / (10 + n)), n counting only the ok updates."""
+    m = torch.nn.Linear(3, 2)
+    ema = train_mod.EMA({"m": m}, decay=0.9, warmup=True)
+    start = {k: v.clone() for k, v in ema.modules["m"].state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    ema.update(torch.tensor(False))
+    assert ema.updates == 0 and all(torch.equal(v, start[k]) for k, v in ema.modules["m"].state_dict().items())
+    for n in range(2):
+        before = {k: v.clone().double() for k, v in ema.modules["m"].state_dict().items()}
+        ema.update(torch.tensor(True))
+        d = min(0.9, (1 + n) / (10 + n))
+        for k, v in ema.modules["m"].state_dict().items():
+            torch.testing.assert_close(v.double(), d * before[k] + (1 - d) * m.state_dict()[k].double())
+    assert ema.updates == 2
