@@ -462,14 +462,14 @@ def main(argv=None):
         elif args.cmd == "encode-shards":
             if args.batch_size < 1:
                 raise DataError("--batch-size must be >= 1")
-            if args.resolution is not None and args.resolution < 8:
-                raise DataError("--resolution must be >= 8")
+            if args.resolution is not None and not 8 <= args.resolution <= MAX_RESOLUTION:
+                raise DataError(f"--resolution must be in 8..{MAX_RESOLUTION}")
             _print_summary("encode-shards", encode_shards(args.src, args.out, args.checkpoint, args.resolution,
                                                           args.batch_size, args.device, args.hflip, args.overwrite),
                            t0)
         else:
-            if args.resolution < 8:
-                raise DataError("--resolution must be >= 8")
+            if not 8 <= args.resolution <= 1024:  # the font's bitmaps are 136 pixels: more only blurs
+                raise DataError("--resolution must be in 8..1024")
             s = make_emoji_shards(args.out, args.resolution, args.per_shard, args.font, args.sequences, args.overwrite)
             _print_summary("emoji", s, t0)
             print(f"index: {Path(args.out) / 'index.jsonl'}; font: {s['font']} ({EMOJI_CREDIT}); aliases from the "

@@ -125,10 +125,12 @@ GENERATE = [
     ("--from-file {work}/missing.txt", "cannot read"), ("--from-file {inp}/empty.txt", "no prompts"),
     ("--from-png {work}/missing.png", "cannot read"), ("--from-png {inp}/plain.png", "parameters"),
     ("--from-png {inp}/badsize.png", "Size"), ("--from-png {inp}/badsteps.png", "Steps"),
-    ("--from-png {inp}/text.txt", "cannot read"),
+    ("--from-png {inp}/text.txt", "cannot read"), ("--from-file {inp}/imgs", "cannot read"),
+    ("--config {inp}/imgs", "cannot read"), ("--config {inp}/plain.png", "cannot read|YAML|mapping"),
     ("--clip-skip 0", "clip-skip"), ("--clip-skip -2", "clip-skip"), ("--clip-skip 99", "clip-skip"),
     ("--clip-skip abc", "invalid int"),
     ("--init-image {work}/missing.png", "init-image"), ("--init-image {inp}/text.txt", "init-image"),
+    ("--init-image {inp}/imgs", "init-image"),
     ("--init-image {inp}/plain.png --strength 0", "strength"),
     ("--init-image {inp}/plain.png --strength 1.5", "strength"),
     ("--init-image {inp}/plain.png --strength nan", "strength"),
@@ -199,6 +201,7 @@ TRAIN = [
     ("--model.unet.num_res_blocks=1000000", "num_res_blocks"),
     ("--resume {inp}", "no state.pt"), ("--config {work}/missing.yaml", "not found"),
     ("--config {inp}/text.txt", "mapping"), ("--config {inp}/bad.yaml", "YAML"), ("--train.bogus=1", "unknown"),
+    ("--config {inp}/imgs", "cannot read"), ("--resume {inp}/text.txt", "no state.pt"),
     ("--train.init={inp}/hostile-norm_groups0.safetensors", "norm_groups"),
 ]
 
@@ -234,7 +237,9 @@ DATA = [
     ("encode-shards {inp}/shards --out {inp}/blocker/l --checkpoint {ckpt}", "cannot create"),
     ("encode-shards {inp}/shards --out {work}/l --checkpoint {ckpt} --device bogus", "device"),
     ("encode-shards {inp}/shards --out {work}/l --checkpoint {inp}/hostile-heads0.safetensors", "num_heads"),
+    ("encode-shards {inp}/shards --out {work}/l --checkpoint {ckpt} --resolution 1000000", "resolution"),
     ("emoji --out {work}/e --resolution 0", "resolution"), ("emoji --out {work}/e --resolution abc", "invalid int"),
+    ("emoji --out {work}/e --resolution 100000", "resolution"),
     ("emoji --out {work}/e --per-shard 0", "per-shard"), ("emoji --out {work}/e --font {work}/missing.ttf", "font"),
     ("emoji --out {work}/e --font {inp}/text.txt", "cannot load"),
     ("bogus", "invalid choice"), ("", "required"),
@@ -252,7 +257,7 @@ def test_data_refuses(row, expect, inputs, tiny_checkpoint, work, capsys):
 CHECKPOINT = [
     ("{work}/missing.safetensors {work}/o.safetensors", "not found"),
     ("{ckpt} {work}/o.ckpt", "safetensors"), ("{inp}/fake.safetensors {work}/o.safetensors", "safetensors"),
-    ("{inp}/fake.png {work}/o.safetensors", "checkpoint type"),
+    ("{inp}/fake.png {work}/o.safetensors", "checkpoint type"), ("{inp}/imgs {work}/o.safetensors", "not found"),
     ("{ckpt} {inp}/blocker/o.safetensors", "cannot write"), ("{ckpt} {work}/o.safetensors --dtype bogus", "choice"),
     ("{ckpt} {work}/o.safetensors --set unet.norm_groups=0", "norm_groups"),
     ("{ckpt} {work}/o.safetensors --set unet.bogus=1", "unknown config key"),
@@ -297,3 +302,17 @@ def test_img2img_sigmas_descend_for_every_strength(steps, tiny_config):
         if not bool((left[1:] < left[:-1]).all()):
             bad.append(k)
     assert bad == []
+
+
+def test_train_exits_2_on_a_data_error_raised_in_a_worker(inputs, work, capsys, monkeypatch):
+    """All-corrupt shards stop the run with the loader's DataError, which a worker raises wrapped in its own
+    traceback: still one line, exit 2 (item 12)."""
+    from latentdiff.shards import write_tar
+    write_tar(inputs / "corrupt.tar", [(f"{i:03d}", {"png": b"not a png", "txt": b"x"}) for i in range(3)])
+    monkeypatch.setattr(data, "MAX_FAILURES_IN_A_ROW", 30)  # the forked worker inherits it
+    argv = ["--config", str(CONFIG), f"--data.shards={inputs / 'corrupt.tar'}", "--data.num_workers=1",
+            "--train.steps=1", f"--train.out_dir={work}/run"]
+    capsys.readouterr()
+    assert train_mod.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "error" in line]
+    assert len(err) == 1 and "Traceback" not in err[0] and "30 samples in a row failed" in err[0], err
