@@ -31,10 +31,15 @@ def shards(tmp_path_factory):
     return str(out)
 
 
+def fixed_tokens(captions):
+    """A stand-in tokenizer (module level, so the loader's workers can unpickle it)."""
+    return [[1] * 77 for _ in captions]
+
+
 def images_per_second(shards, num_workers, batches=24, warmup=3):
     cfg = DataConfig(shards=shards, resolution=RES, batch_size=BATCH, num_workers=num_workers, shuffle_buffer=256,
                      hflip=True, resample=True)
-    it = iter(make_loader(cfg, tokenize=lambda caps: [[1] * 77 for _ in caps]))
+    it = iter(make_loader(cfg, tokenize=fixed_tokens))
     for _ in range(warmup):  # worker start-up and the shuffle buffer filling are not steady state
         next(it)
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import argparse
 import glob
 import io
 import json
+import multiprocessing as mp
 import os
 import random
 import signal
@@ -319,9 +320,13 @@ class Loader:
         self._stream = None
 
     def _dataloader(self):
+        # Workers fork from a forkserver (a fresh single-threaded process) rather than from the trainer: a fork
+        # taken while another thread of the trainer (a progress bar's monitor, a server's thread) holds a lock
+        # leaves the child waiting on it for ever; a test run hung that way once.
+        context = "forkserver" if self.num_workers and "forkserver" in mp.get_all_start_methods() else None
         return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                            prefetch_factor=4 if self.num_workers else None,
-                                           pin_memory=torch.cuda.is_available(),
+                                           pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
                                            worker_init_fn=ignore_stop_signals if self.num_workers else None)
 
     def __len__(self):
