@@ -39,12 +39,15 @@ def fixed_tokens(captions):
 def images_per_second(shards, num_workers, batches=24, warmup=3):
     cfg = DataConfig(shards=shards, resolution=RES, batch_size=BATCH, num_workers=num_workers, shuffle_buffer=256,
                      hflip=True, resample=True)
-    it = iter(make_loader(cfg, tokenize=fixed_tokens))
+    loader = make_loader(cfg, tokenize=fixed_tokens)
+    it = iter(loader)
     for _ in range(warmup):  # worker start-up and the shuffle buffer filling are not steady state
         next(it)
     t0 = time.perf_counter()
     n = sum(next(it)["pixels"].shape[0] for _ in range(batches))
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    loader.close()
+    return rate
 
 
 def test_loader_throughput(shards, capsys):

@@ -70,12 +70,15 @@ def run_trainer(config: Path, args: list[str], out: Path, warmup: int, log_every
 
 
 def loader_rate(cfg: DataConfig, batches: int, tokenize=None) -> float:
-    it = iter(make_loader(cfg, tokenize=tokenize))
+    loader = make_loader(cfg, tokenize=tokenize)
+    it = iter(loader)
     next(it)  # workers started, first shard open
     t0, n = time.perf_counter(), 0
     for _ in range(batches):
         n += len(next(it)["captions"])
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    loader.close()
+    return rate
 
 
 def print_table(title: str, rows: list[tuple]):

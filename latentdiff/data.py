@@ -10,6 +10,7 @@ A shard is a plain tar of samples that share a key: `KEY.jpg` or `KEY.png` (the 
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import io
 import json
@@ -19,6 +20,7 @@ import random
 import signal
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -306,9 +308,21 @@ class ShardStream(torch.utils.data.IterableDataset):
 def ignore_stop_signals(worker_id: int):
     """Loader workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then ends them."""
     # A signal to the whole process group (timeout -s TERM, scancel, a container stop) reaches the workers too,
-    # and torch's worker handler dies on SIGTERM, which would end the run without its checkpoint.
+    # and torch's worker handler dies on SIGTERM, which would end the run without its checkpoint. The cost: a
+    # worker outlives multiprocessing's terminate(), so every Loader ends its own workers (close, and at exit).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_open_loaders: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs first
+def _close_open_loaders():
+    # multiprocessing's exit hook terminates daemon children with SIGTERM and joins them; our workers ignore
+    # SIGTERM, so a loader still open at exit (a test that stopped reading, an exception) would hang the exit.
+    for loader in list(_open_loaders):
+        loader.close()
 
 
 class Loader:
@@ -317,7 +331,9 @@ class Loader:
 
     def __init__(self, dataset: ShardStream, num_workers: int, epoch_length: int | None):
         self.dataset, self.num_workers, self.epoch_length = dataset, num_workers, epoch_length
-        self._stream = None
+        self._stream = None  # with epoch_length: the one endless pass that every `for` loop continues
+        self._running: list = []  # the passes whose workers are up
+        _open_loaders.add(self)
 
     def _dataloader(self):
         # Workers fork from a forkserver (a fresh single-threaded process) rather than from the trainer: a fork
@@ -336,16 +352,42 @@ class Loader:
 
     def __iter__(self):
         if self.epoch_length is None:
+            batches = self._start()
             try:
-                yield from self._dataloader()
+                yield from batches
             finally:
                 self.dataset.epoch += 1  # workers start from a copy of the dataset, so the next pass reshuffles
+                self._stop(batches)
             return
         if self._stream is None:
             self.dataset.repeat = True
-            self._stream = iter(self._dataloader())
+            self._stream = self._start()
         for _ in range(self.epoch_length):
             yield next(self._stream)
+
+    def _start(self):
+        batches = iter(self._dataloader())
+        self._running.append(batches)
+        return batches
+
+    def _stop(self, batches):
+        if batches not in self._running:
+            return
+        self._running.remove(batches)
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ runs; None without workers
+        if shutdown is not None:
+            shutdown()  # asks each worker to stop, joins it for a few seconds, then terminates it, which it ignores
+        for worker in getattr(batches, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+    def close(self):
+        """End the workers now rather than when the garbage collector finds the iterator. Iterating again starts
+        new ones."""
+        for batches in list(self._running):
+            self._stop(batches)
+        self._stream = None
 
 
 def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, tokenize=None,

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_paths(output: str | None, names: list[str]) -> list[Path]:
-    """One path per image: -o x.png (x-1.png ... for several), -o DIR, or outputs/ with names from prompt and seed."""
+    """One path per image: -o x.png (x-0.png, x-1.png ... for several), -o DIR, or outputs/ named by prompt and seed."""
     if output and output.lower().endswith(".png"):
         base = Path(output)
         folder = base.parent

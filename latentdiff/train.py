@@ -50,7 +50,7 @@ from tqdm import tqdm
 from . import diffusion
 from .checkpoint import CheckpointError, Models, build_models as build_fresh, config_problem, load_models, save_models
 from .config import ConfigError, ModelConfig, from_dict, load_yaml, parse_overrides, to_dict
-from .data import DataConfig, DataError, check_data, make_loader
+from .data import DataConfig, DataError, Loader, check_data, make_loader
 from .memory_loader import make_memory_loader
 from .files import atomic_write
 from .generate import ArgumentParser
@@ -714,6 +714,7 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
                 else f"from scratch on the VAE of {cfg.init_vae}" if cfg.init_vae is not None else "from scratch"))
 
     stop = StopRequested()
+    loader = None
     try:
         tokenize = None
         if cfg.stage == "unet":
@@ -851,6 +852,8 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
                  f"{counters['skipped_samples']} corrupt sample(s) skipped, {step - start_step} step(s) in "
                  f"{time.perf_counter() - start_time:.1f}s")
     finally:
+        if isinstance(loader, Loader):
+            loader.close()
         stop.restore()
         log.close()
     if d.enabled:

@@ -103,15 +103,19 @@ def test_webuiapi_txt2img_is_generate_and_round_trips_from_png(server, tiny_chec
     assert r.info["all_seeds"] == [7, 8] and r.info["seed"] == 7 and r.info["sd_model_name"] == "tiny"
     assert r.info["sd_model_hash"] == file_hash(tiny_checkpoint) and len(r.info["infotexts"]) == 2
     assert r.parameters["prompt"] == "a red fox" and r.parameters["steps"] == 3 and r.parameters["seed"] == 7
-    ref = generated(tmp_path, "ref", "a red fox", "--negative", "blurry", "--checkpoint", tiny_checkpoint,
-                    "--seed", 8, "--steps", 3, "--guidance", 5.0, "--sampler", "Euler a")
-    assert np.array_equal(pixels(r.images[1]), pixels(ref))  # image i of the batch is seed + i, exactly
-    # The PNG's parameters chunk regenerates the same image through generate --from-png.
-    params = parse_parameters(r.images[0].info["parameters"])
-    assert (params["prompt"], params["negative"], params["Seed"], params["Sampler"]) == ("a red fox", "blurry", "7", "Euler a")
-    r.images[0].save(tmp_path / "served.png", pnginfo=_pnginfo(r.images[0]))
+    # The same batch through generate -n 2 gives the same pixels exactly: image i of the batch is seed + i.
+    assert generate_main(["a red fox", "--negative", "blurry", "--checkpoint", str(tiny_checkpoint), "--seed", "7",
+                          "--steps", "3", "--guidance", "5.0", "--sampler", "Euler a", "-n", "2",
+                          "-o", str(tmp_path / "ref.png")]) == 0
+    for i in range(2):
+        assert np.array_equal(pixels(r.images[i]), pixels(Image.open(tmp_path / f"ref-{i}.png")))
+    # The PNG's parameters chunk regenerates the image through generate --from-png, alone rather than in a batch of
+    # two: the same up to float rounding (BLAS picks its kernels by batch size, so the last bit may differ).
+    params = parse_parameters(r.images[1].info["parameters"])
+    assert (params["prompt"], params["negative"], params["Seed"], params["Sampler"]) == ("a red fox", "blurry", "8", "Euler a")
+    r.images[1].save(tmp_path / "served.png", pnginfo=_pnginfo(r.images[1]))
     again = generated(tmp_path, "again", "--from-png", tmp_path / "served.png", "--checkpoint", tiny_checkpoint)
-    assert np.array_equal(pixels(again), pixels(r.images[0]))
+    assert np.abs(pixels(again) - pixels(r.images[1])).max() <= 1
 
 
 def _pnginfo(image):

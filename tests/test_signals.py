@@ -7,10 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from test_train import CONFIG, ROOT, common_args, write_shards
+from test_train import CONFIG, ROOT, common_args, descendants, write_shards
 from latentdiff.train import list_checkpoints
 
 
@@ -40,3 +41,55 @@ def test_signal_to_the_process_group_saves_and_exits_0(tmp_path, sig):
     assert "stop requested" in output
     ckpts = list_checkpoints(out)
     assert len(ckpts) == 1 and ckpts[0][0] >= 2
+
+
+LEFT_OPEN = """
+import sys
+from latentdiff.data import DataConfig, make_loader
+cfg = DataConfig(shards=sys.argv[1], resolution=32, batch_size=2, num_workers=2, shuffle_buffer=4)
+kept = [make_loader(cfg, epoch_length=1000), make_loader(cfg)]  # an endless stream and a one-pass loader
+readers = [iter(loader) for loader in kept]
+for r in readers:
+    next(r)
+print("read a batch from each; exiting with both open", flush=True)
+"""
+
+
+def test_a_loader_left_open_does_not_hang_the_exit(tmp_path):
+    """The workers ignore SIGTERM, and multiprocessing's exit hook terminates (SIGTERM) and then joins its children:
+    a loader nobody closed (a test that stopped reading, an exception) once left `pytest` waiting there for ever
+    after its summary. data.py closes every open loader at exit, before that hook."""
+    shards = write_shards(tmp_path / "shards", 2, 4, corrupt=False)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", LEFT_OPEN, shards], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid, *descendants(proc.pid)]
+        for pid in tree:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the process did not exit within 90 s of its last line ({len(tree)} processes left)")
+    assert proc.returncode == 0 and "exiting with both open" in output, output[-4000:]
+
+
+def test_close_ends_the_workers_and_the_loader_can_start_again(tmp_path):
+    from latentdiff.data import DataConfig, make_loader
+    shards = write_shards(tmp_path / "shards", 2, 4, corrupt=False)
+    loader = make_loader(DataConfig(shards=shards, resolution=32, batch_size=2, num_workers=2, shuffle_buffer=4),
+                         epoch_length=3)
+    workers = lambda: [p for p in descendants(os.getpid()) if _comm(p) == "pt_data_worker"]  # noqa: E731
+    before = set(workers())
+    assert len(list(loader)) == 3
+    assert len(set(workers()) - before) == 2  # the endless stream keeps its two workers between `for` loops
+    loader.close()
+    assert set(workers()) - before == set()
+    assert len(list(loader)) == 3  # a new stream
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
