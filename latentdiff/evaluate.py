@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .files import atomic_write
-from .generate import ArgumentParser, UsageError
+from .generate import ArgumentParser, UsageError, check_sampler_and_guidance
 
 # Calibrated by eye on 60 emoji drawn by a 98.5%-top-1 model and a 41.7% one: above 15 dB a generation is, in most
 # cases, a drawing a person names as the emoji (59 of the good model's 60; about half of the weak model's 16 above
@@ -263,7 +263,6 @@ def run(args) -> int:
     """The evaluation of main's arguments: every argument is checked before the model is loaded."""
     from .generate import BUNDLED
     from .pipeline import Pipeline
-    from .samplers import get_sampler
     timesteps = []
     if args.denoise_from:
         try:
@@ -275,13 +274,7 @@ def run(args) -> int:
         if value is not None and value < low:
             raise UsageError(f"{name} must be at least {low} (got {value})"
                              + ("; top-5 needs 5 references" if name == "--limit" else ""))
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number (got {args.guidance})")
-    if args.sampler is not None:
-        try:
-            get_sampler(args.sampler)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    check_sampler_and_guidance(args.sampler, args.guidance)
     for name, path in (("--out", args.out), ("--sheet", args.sheet)):
         if path and not (Path(path).parent.is_dir() and os.access(Path(path).parent, os.W_OK)):
             raise UsageError(f"{name} {path}: its folder does not exist or is not writable")

@@ -199,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_sampler_and_guidance(sampler: str | None, guidance: float | None):
+    """--sampler and --guidance of generate and evaluate (None: the model's), as one-line usage errors."""
+    from .samplers import get_sampler
+    if sampler is not None:
+        try:
+            get_sampler(sampler)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if guidance is not None and not math.isfinite(guidance):
+        raise UsageError(f"--guidance must be a finite number (got {guidance})")
+
+
 def output_paths(output: str | None, names: list[str]) -> list[Path]:
     """One path per image: -o x.png (x-0.png, x-1.png ... for several), -o DIR, or outputs/ named by prompt and seed."""
     if output and output.lower().endswith(".png"):
@@ -228,7 +240,6 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_model_config
     from .pipeline import Pipeline, image_grid
-    from .samplers import get_sampler
 
     # --from-png supplies the settings; options given on the command line still win.
     if args.from_png:
@@ -251,11 +262,7 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         raise UsageError(f"--grid-cols must be at least 1 (got {args.grid_cols})")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1 (got {args.num_images})")
-    if args.sampler is not None:
-        try:
-            get_sampler(args.sampler)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    check_sampler_and_guidance(args.sampler, args.guidance)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     for name, value in (("--width", args.width), ("--height", args.height)):
@@ -265,8 +272,6 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         raise UsageError(f"--guidance-rescale must be in [0, 1] (got {args.guidance_rescale})")
     if args.clip_skip is not None and args.clip_skip < 1:
         raise UsageError(f"--clip-skip must be at least 1, the last layer (got {args.clip_skip})")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number (got {args.guidance})")
     if "strength" in given and not args.init_image:
         raise UsageError("--strength only applies to image-to-image: add --init-image FILE, or drop --strength")
     init_image = None

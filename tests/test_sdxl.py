@@ -15,6 +15,7 @@ from latentdiff.config import load_model_config
 from latentdiff.pipeline import Pipeline
 from latentdiff.text_encoder import EOT, DualTextEncoder, bpe_tokenizer
 from latentdiff.unet import UNetConfig, UNetModel, micro_conditioning
+from test_text_encoder import perturbed
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photograph of an astronaut riding a horse", "A Castle, on a hill; oil-painting (by Greg R.), 4k!!", "",
@@ -47,15 +48,6 @@ model:
   text2: {width: 32, layers: 3, heads: 2, act: gelu, output_layer: penultimate, pad: zero, embed_dim: 32,
           output_ln_final: false}
 """
-
-
-def perturbed(module, seed=0):
-    """Non-zero weights everywhere (SD zero-initialises output layers, which would hide whole blocks)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return module
 
 
 def shapes(state):

@@ -19,6 +19,7 @@ PROMPTS = ["a photograph of an astronaut riding a horse",
 
 
 def perturbed(module, seed=0):
+    """Non-zero weights everywhere (SD zero-initialises output layers, which would hide whole blocks)."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():

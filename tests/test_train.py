@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from latentdiff import diffusion, train as train_mod
 from latentdiff.checkpoint import load_models
 from latentdiff.shards import write_tar
+from test_data import read_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "train-tiny.yaml"
@@ -482,18 +483,8 @@ def test_on_the_fly_latents_equal_encode_shards_under_bf16_autocast(clean_shards
     # Captions repeat across the synthetic set; each on-the-fly latent must equal a stored one of its caption.
     want = {}
     for shard in summary["shards"]:
-        for key, files in read_tar_members(shard).items():
+        for key, files in read_tar(shard).items():
             want.setdefault(files["txt"].decode(), []).append(np.load(io.BytesIO(files["latent.npy"])))
     for x0, caption in zip(seen[0], batch["captions"]):
         errs = [float(np.abs(x0.numpy() - w).max()) for w in want[caption]]
         assert min(errs) < 1e-5, (caption, errs)
-
-
-def read_tar_members(path) -> dict:
-    import tarfile
-    out: dict = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return out
