@@ -1,15 +1,17 @@
 """The GPU check: one prepared run for a session lent a GPU machine (README, "Benchmarks").
 
-    python benchmarks/gpu_check.py --out gpu-check/ [--budget 540] [--only build,cuda-tests]
+    python benchmarks/gpu_check.py --out gpu-check/ [--work DIR] [--budget 540] [--only build,cuda-tests]
 
 Builds the extension for the visible GPU, runs every CUDA test (and the op-error table under compute-sanitizer),
 `generate` end to end in fp16 and bf16 on a tiny checkpoint and on a random SD 2.1-base checkpoint at 512x512,
 the op, pipeline (SD 2.1 and SDXL against diffusers) and training benchmarks, and, when the emoji data is there,
 the emoji model's second training stage on the in-memory fast path (LATENTDIFF_EMOJI_INIT: stage 1's
 file; data/emoji-latents, and data/emoji for its evaluation). Each part runs as its own process under its
-own time limit (clipped to what is left of --budget), so one hang cannot eat the run. Logs, the benchmarks' JSON
-and summary.json go to --out; the last thing printed is one table: pass / fail / timeout / skip per part, and the
-numbers that matter. Without a GPU every CUDA part is skipped, so the script's logic can be checked on a CPU machine.
+own time limit (clipped to what is left of --budget), so one hang cannot eat the run. Logs, the benchmarks' JSON,
+the images, the emoji run's log.csv and evaluation, and summary.json go to --out, all small enough to bring back
+from a lent machine; the large files (the random checkpoints, the emoji run's checkpoints and exported model) go to
+--work (default: OUT-work beside it). The last thing printed is one table: pass / fail / timeout / skip per part,
+and the numbers that matter. Without a GPU every CUDA part is skipped, so the script's logic can be checked on a CPU machine.
 Wheels for packages the GPU image lacks are taken from .whl/ (../shared/device/wheels.sh) when present.
 """
 from __future__ import annotations
@@ -56,11 +58,12 @@ print(json.dumps({"estimate_gib": est / 2**30, "measured_gib": peak / 2**30, "ok
 """
 
 
-def parts(out: Path) -> list[tuple[str, str, int]]:
+def parts(out: Path, work: Path) -> list[tuple[str, str, int]]:
     """(name, shell command run from the repository root, seconds allowed)."""
     logs = out / "logs"
     bench = f"LATENTDIFF_BENCH_DIR={shlex.quote(str(out / 'bench'))}"
-    ck = shlex.quote(str(out / "ckpt"))
+    ck = shlex.quote(str(work / "ckpt"))
+    run = shlex.quote(str(work / "emoji"))
     gen = f"{PY} -m latentdiff.generate --device cuda --seed 1 -o {shlex.quote(str(out / 'images'))}/"
     emoji = os.environ.get("LATENTDIFF_EMOJI_INIT", "")
     return [
@@ -77,9 +80,9 @@ def parts(out: Path) -> list[tuple[str, str, int]]:
          f"{gen} --checkpoint {ck}/sd21-base.safetensors --dtype bf16 -W 512 -H 512 --steps 20 'a cat' && "
          f"{PY} -c {shlex.quote(MEMORY_ESTIMATE)} {ck}/sd21-base.safetensors", 150),
         ("emoji-stage2", (f"STAGE2_ARGS='--data.in_memory=true' bash docs/experiments/emoji-recipe.sh stage2 "
-                          f"{shlex.quote(emoji)} {shlex.quote(str(out / 'emoji'))} && {{ [ ! -d data/emoji ] || "
-                          f"{PY} -m latentdiff.evaluate --checkpoint {shlex.quote(str(out / 'emoji'))}/emoji.safetensors "
-                          f"--data data/emoji --device cuda --out {shlex.quote(str(out / 'emoji'))}/evaluate.json; }}"
+                          f"{shlex.quote(emoji)} {run} && cp {run}/run/log.csv {shlex.quote(str(logs))}/emoji-log.csv && "
+                          f"{{ [ ! -d data/emoji ] || {PY} -m latentdiff.evaluate --checkpoint {run}/emoji.safetensors "
+                          f"--data data/emoji --device cuda --out {shlex.quote(str(logs))}/emoji-evaluate.json; }}"
                           if emoji else ""), 240),
         ("bench-pipeline", f"{bench} {PY} -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_pipeline.py "
          "-k sd21", 180),
@@ -139,18 +142,21 @@ def numbers(out: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for logs, benchmark JSON and summary.json")
+    p.add_argument("--out", required=True, help="folder for logs, benchmark JSON and summary.json (small files)")
+    p.add_argument("--work", help="folder for checkpoints and training runs (default: OUT-work)")
     p.add_argument("--budget", type=float, default=540, help="seconds for the whole run; parts are cut to fit")
     p.add_argument("--only", help="comma-separated part names to run (default: all)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
+    work = Path(args.work).resolve() if args.work else out.with_name(out.name + "-work")
+    work.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     deadline = time.time() + args.budget
     gpu = cuda_visible()
     only = set(args.only.split(",")) if args.only else None
     rows = []
-    for name, cmd, limit in parts(out):
+    for name, cmd, limit in parts(out, work):
         left = int(deadline - time.time())
         if only is not None and name not in only:
             continue

@@ -21,7 +21,7 @@ def test_without_a_gpu_every_part_is_skipped_and_the_summary_written(gpu_check, 
     monkeypatch.setattr(gpu_check, "cuda_visible", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    names = [name for name, _, _ in gpu_check.parts(tmp_path)]
+    names = [name for name, _, _ in gpu_check.parts(tmp_path, tmp_path / "work")]
     assert [r["part"] for r in summary["parts"]] == names
     assert {r["status"] for r in summary["parts"]} == {"skip"} and summary["gpu"] is False
     table = capsys.readouterr().out.strip().splitlines()
@@ -42,7 +42,7 @@ def test_a_part_over_its_limit_is_ended_with_everything_it_started(gpu_check, tm
 
 def test_the_budget_cuts_the_parts_that_no_longer_fit(gpu_check, tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "cuda_visible", lambda: True)
-    monkeypatch.setattr(gpu_check, "parts", lambda out: [("a", "sleep 3", 60), ("b", "true", 60)])
+    monkeypatch.setattr(gpu_check, "parts", lambda out, work: [("a", "sleep 3", 60), ("b", "true", 60)])
     assert gpu_check.main(["--out", str(tmp_path), "--budget", "22"]) == 0
     rows = json.loads((tmp_path / "summary.json").read_text())["parts"]
     assert [(r["part"], r["status"]) for r in rows] == [("a", "pass"), ("b", "skip")]
