@@ -11,7 +11,8 @@ own time limit (clipped to what is left of --budget), so one hang cannot eat the
 the images, the emoji run's log.csv and evaluation, and summary.json go to --out, all small enough to bring back
 from a lent machine; the large files (the random checkpoints, the emoji run's checkpoints and exported model) go to
 --work (default: OUT-work beside it). The last thing printed is one table: pass / fail / timeout / skip per part,
-and the numbers that matter. Without a GPU every CUDA part is skipped, so the script's logic can be checked on a CPU machine.
+and the numbers that matter. Without a GPU every CUDA part is skipped, so the script's logic can be checked on a
+CPU machine.
 Wheels for packages the GPU image lacks are taken from .whl/ (../shared/device/wheels.sh) when present.
 """
 from __future__ import annotations
