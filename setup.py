@@ -6,7 +6,7 @@ LATENTDIFF_NO_EXT=1 skips the extension (the PyTorch path still works); LATENTDI
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,9 +79,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["latentdiff", "latentdiff.configs"],
+    packages=[*find_packages(include=["latentdiff", "latentdiff.*"]), "latentdiff.configs"],
     package_dir={"latentdiff.configs": "configs"},
-    package_data={"latentdiff": ["weights/*.safetensors", "static/*"], "latentdiff.configs": ["*.yaml"]},
+    package_data={"latentdiff": ["weights/*.safetensors"], "latentdiff.serve": ["static/*"],
+                  "latentdiff.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
@@ -90,7 +91,8 @@ setup(
                       "fastapi>=0.100", "uvicorn>=0.23"],  # python -m latentdiff.serve
     extras_require={"data": ["emoji>=2.10"],  # emoji aliases for `python -m latentdiff.data emoji`
                     "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "emoji>=2.10",
-                             "requests", "webuiapi>=0.9", "selenium>=4.10"]},  # serve: A1111's client, the page
+                             "requests", "webuiapi>=0.9", "selenium>=4.10",  # serve: A1111's client, the page
+                             "import-linter>=2.1"]},  # the layers contract in pyproject.toml
     entry_points={"console_scripts": ["latentdiff-generate=latentdiff.generate:main",
-                                      "latentdiff-serve=latentdiff.serve:main"]},
+                                      "latentdiff-serve=latentdiff.serve.__main__:main"]},
 )

@@ -32,8 +32,8 @@ PY = shlex.quote(sys.executable)
 # A random SD 2.1-base checkpoint at full size (fp16 on the GPU), and a tiny one, for `generate`.
 MAKE_CHECKPOINTS = """
 import sys, torch
-from latentdiff.checkpoint import build_models, save_models
-from latentdiff.config import CONFIG_DIR, load_model_config
+from latentdiff.io.checkpoint import build_models, save_models
+from latentdiff.io.config import CONFIG_DIR, load_model_config
 out = sys.argv[1]
 for name in ("tiny", "sd21-base"):
     torch.manual_seed(0)

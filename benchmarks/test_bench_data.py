@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff.data import DataConfig, make_loader
-from latentdiff.shards import ShardWriter
+from latentdiff.data.loader import DataConfig, make_loader
+from latentdiff.data.shards import ShardWriter
 
 SHARDS, PER_SHARD, SIZE, RES, BATCH = 8, 64, (80, 72), 64, 32
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentdiff import ops
+from latentdiff.diffusion.process import ops
 
 pytestmark = pytest.mark.skipif(not ops.fused_available(), reason="latentdiff._C not built")
 

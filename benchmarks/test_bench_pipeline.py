@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.utils.benchmark as tb
 
-from latentdiff.checkpoint import build_models
-from latentdiff.config import CONFIG_DIR, load_model_config
+from latentdiff.io.checkpoint import build_models
+from latentdiff.io.config import CONFIG_DIR, load_model_config
 from latentdiff.pipeline import Pipeline
-from latentdiff.unet import micro_conditioning
+from latentdiff.models.unet import micro_conditioning
 
 RESULTS = Path(os.environ.get("LATENTDIFF_BENCH_DIR", Path(__file__).parent / "results"))
 

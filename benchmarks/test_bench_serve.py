@@ -14,10 +14,11 @@ from pathlib import Path
 import requests
 import torch
 
-from latentdiff import serve
-from latentdiff.checkpoint import build_models, save_models
-from latentdiff.config import CONFIG_DIR, load_model_config
-from latentdiff.generate import file_sha256
+from latentdiff.io.checkpoint import build_models, save_models
+from latentdiff.io.config import CONFIG_DIR, load_model_config
+from latentdiff.io.files import file_sha256
+from latentdiff.serve.app import create_app
+from latentdiff.serve.worker import Checkpoint, ServeConfig, Worker
 
 REQUESTS, CLIENTS, STEPS, ROUNDS = 16, 4, 20, 3
 
@@ -25,12 +26,12 @@ REQUESTS, CLIENTS, STEPS, ROUNDS = 16, 4, 20, 3
 def start(checkpoint: Path):
     import socket
     import uvicorn
-    worker = serve.Worker([serve.Checkpoint(checkpoint, file_sha256(checkpoint))], serve.ServeConfig(), device="cpu")
+    worker = Worker([Checkpoint(checkpoint, file_sha256(checkpoint))], ServeConfig(), device="cpu")
     worker.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

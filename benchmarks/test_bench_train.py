@@ -25,9 +25,12 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import train as train_mod
-from latentdiff.data import DataConfig, make_loader
-from latentdiff.shards import write_tar
+from latentdiff.diffusion.schedule import Schedule
+from latentdiff.train import __main__ as train_main, config as train_config, log as train_log, loop as train_loop
+from latentdiff.train import losses as train_losses
+from latentdiff.diffusion import schedule as train_schedule
+from latentdiff.data.loader import DataConfig, make_loader
+from latentdiff.data.shards import write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +63,7 @@ def latent_shards(out: Path, n_shards: int, per_shard: int, shape) -> str:
 
 def run_trainer(config: Path, args: list[str], out: Path, warmup: int, log_every: int = 1, best: bool = False) -> float:
     """Mean (or with best, the highest) images/s the trainer logged after `warmup` steps."""
-    train_mod.main(["--config", str(config), f"--train.out_dir={out}", f"--train.log_every={log_every}",
+    train_main.main(["--config", str(config), f"--train.out_dir={out}", f"--train.log_every={log_every}",
                     "--train.checkpoint_every=100000", *args])
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
@@ -97,7 +100,7 @@ def test_bench_train_tiny_cpu(tmp_path):
     unet = run_trainer(tiny, common + ["--train.steps=20"], tmp_path / "unet", warmup=5)
     vae = run_trainer(tiny, common + ["--train.steps=12", "--train.stage=vae"], tmp_path / "vae", warmup=4)
     loader = loader_rate(DataConfig(shards=shards, resolution=32, batch_size=8, num_workers=1, shuffle_buffer=16),
-                         batches=30, tokenize=train_mod.Tokenizer(train_mod.load_config(
+                         batches=30, tokenize=train_loop.Tokenizer(train_config.load_config(
                              tiny, {"data": {"shards": shards}})[0].text))
     print_table("training throughput, tiny config, 32x32, CPU (1 thread, 1 loader worker)", [
         ("data loader only (decode + tokenize)", 8, loader),
@@ -162,16 +165,16 @@ def emoji_args(shards: str, batch: int, steps: int, in_memory: bool, compile_: b
 def compute_only_seconds(bench, shards: str, batch: int, device: str) -> float:
     """Median seconds of the trainer's step without data, logging or loop: forward, backward, gradient clipping,
     fused AdamW (with its on-device skip flag) and the EMA update, on one fixed batch already on the device."""
-    model_cfg, _, cfg = train_mod.load_config(EMOJI, {"data": {"shards": shards}, "train": {"init_vae": None}})
-    models = train_mod.build_models(model_cfg, cfg, device)
-    loss_module = train_mod.UNetLoss(models, train_mod.Schedule.from_config(model_cfg.diffusion),
+    model_cfg, _, cfg = train_config.load_config(EMOJI, {"data": {"shards": shards}, "train": {"init_vae": None}})
+    models = train_loop.build_models(model_cfg, cfg, device)
+    loss_module = train_losses.UNetLoss(models, Schedule.from_config(model_cfg.diffusion),
                                      cfg.train_text_encoder, cfg.loss_weighting, cfg.min_snr_gamma, cfg.timestep_bias)
     trained = {"unet": models.unet, "text": models.text}
     models.vae.eval().requires_grad_(False)
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    ema = train_mod.EMA(trained, cfg.ema_decay, cfg.ema_warmup)
-    tokens = train_mod.Tokenizer(model_cfg.text)([f"a thing {i}" for i in range(batch)]).to(device)
+    ema = train_losses.EMA(trained, cfg.ema_decay, cfg.ema_warmup)
+    tokens = train_loop.Tokenizer(model_cfg.text)([f"a thing {i}" for i in range(batch)]).to(device)
     batch_ = {"latents": torch.randn(batch, 32, 8, 8, device=device), "tokens": tokens}
     gen = torch.Generator(device).manual_seed(0)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
@@ -196,12 +199,12 @@ class ComputeClock:
 
     def __init__(self, monkeypatch):
         self.inside, self.marks = 0.0, []
-        for owner, name in ((train_mod.UNetLoss, "forward"), (torch.Tensor, "backward"),
+        for owner, name in ((train_losses.UNetLoss, "forward"), (torch.Tensor, "backward"),
                             (torch.nn.utils, "clip_grad_norm_"), (torch.optim.AdamW, "step"),
-                            (train_mod.EMA, "update")):
+                            (train_losses.EMA, "update")):
             monkeypatch.setattr(owner, name, self.timed(getattr(owner, name)))
-        advance = train_mod.Logger.advance
-        monkeypatch.setattr(train_mod.Logger, "advance", lambda log, n=1: (
+        advance = train_log.Logger.advance
+        monkeypatch.setattr(train_log.Logger, "advance", lambda log, n=1: (
             self.marks.append((time.perf_counter(), self.inside)), advance(log, n)))
 
     def timed(self, fn):

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .files import atomic_write
-from .generate import ArgumentParser, UsageError, check_sampler_and_guidance
+from latentdiff.io.checkpoint import BUNDLED, CheckpointError
+from latentdiff.io.config import ConfigError
+from latentdiff.io.files import atomic_write
+from latentdiff.cli import ArgumentParser, UsageError, check_sampler_and_guidance
 
 # Calibrated by eye on 60 emoji drawn by a 98.5%-top-1 model and a 41.7% one: above 15 dB a generation is, in most
 # cases, a drawing a person names as the emoji (59 of the good model's 60; about half of the weak model's 16 above
@@ -155,10 +155,10 @@ def denoise_from(pipe, prompts: list[str], images: torch.Tensor, t: int, steps: 
     steps None: one step, the model's own x0 estimate at t. Otherwise the sampler runs `steps` steps on Karras
     sigmas from sigma_t down to the schedule's smallest sigma. Same latents and noise in both cases.
     """
-    from . import ops
-    from .pipeline import to_pil
-    from .samplers import NoiseSampler, get_sampler, sample_euler
-    from .schedule import karras_sigmas
+    from latentdiff.diffusion import ops
+    from latentdiff.io.images import to_pil
+    from latentdiff.diffusion.samplers import NoiseSampler, get_sampler, sample_euler
+    from latentdiff.diffusion.schedule import karras_sigmas
 
     s = pipe.schedule
     sigma_t = float(s.sigmas[t])
@@ -261,8 +261,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """The evaluation of main's arguments: every argument is checked before the model is loaded."""
-    from .generate import BUNDLED
-    from .pipeline import Pipeline
+    from latentdiff.pipeline import Pipeline
     timesteps = []
     if args.denoise_from:
         try:

@@ -6,123 +6,24 @@ Without --checkpoint it uses the small emoji model that ships with latentdiff.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from . import __version__
-from .files import atomic_write
-
-BUNDLED = Path(__file__).resolve().parent / "weights" / "emoji.safetensors"
-
-
-class UsageError(Exception):
-    """A mistake on the command line: printed as one line, exit code 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block above them), exit code 2; every command uses it."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: names, hashes, atomic writes, PNG metadata
-
-
-def slug(text: str, n: int = 40) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:n].rstrip("-") or "image"
-
-
-def file_hash(path: str | Path) -> str:
-    """A1111's short model hash: the first 10 hex digits of the file's SHA-256."""
-    return file_sha256(path)[:10]
-
-
-def file_sha256(path: str | Path) -> str:
-    """The file's SHA-256 in hex, cached by path, size and mtime (checkpoints are gigabytes)."""
-    path = Path(path).resolve()
-    st = path.stat()
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latentdiff" / "sha256.json"
-    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        cache[key] = h.hexdigest()
-        try:
-            with atomic_write(cache_file) as tmp:
-                tmp.write_text(json.dumps(cache))
-        except OSError:
-            pass  # a read-only home only costs a re-hash next time
-    return cache[key]
-
-
-def save_image(image: Image.Image | list[Image.Image], path: Path, parameters: str | None = None) -> None:
-    """Write a PNG (or a GIF for a list of frames) atomically: a crash never leaves half a file."""
-    with atomic_write(path) as tmp:
-        if isinstance(image, list):  # animation frames
-            image[0].save(tmp, format="GIF", save_all=True, append_images=image[1:], duration=120, loop=0)
-        else:
-            info = PngImagePlugin.PngInfo()
-            if parameters:
-                info.add_text("parameters", parameters)
-            image.save(tmp, format="PNG", pnginfo=info)
-
-
-def format_parameters(p: dict) -> str:
-    """The A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, ...`."""
-    lines = [p["prompt"]]
-    if p.get("negative"):
-        lines.append(f"Negative prompt: {p['negative']}")
-    fields = [("Steps", p["steps"]), ("Sampler", p["sampler"]), ("CFG scale", p["guidance"]),
-              ("Seed", p["seed"]), ("Size", f"{p['width']}x{p['height']}"),
-              ("Model hash", p.get("model_hash")), ("Model", p.get("model")),
-              ("Denoising strength", p.get("strength")), ("Clip skip", p.get("clip_skip")),
-              ("Guidance rescale", p.get("guidance_rescale") or None), ("Prediction", p.get("prediction")),
-              ("Version", f"latentdiff {__version__}")]
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
-    return "\n".join(lines)
-
-
-def parse_parameters(text: str) -> dict:
-    """Inverse of format_parameters (also reads A1111's own files for the keys we know)."""
-    lines = text.strip().split("\n")
-    settings = lines[-1] if re.match(r"^\s*Steps:\s", lines[-1]) else ""
-    body = lines[:-1] if settings else lines
-    prompt, negative, neg_started = [], [], False
-    for line in body:
-        if line.startswith("Negative prompt:"):
-            neg_started = True
-            line = line[len("Negative prompt:"):].strip()
-        (negative if neg_started else prompt).append(line)
-    out = {"prompt": "\n".join(prompt), "negative": "\n".join(negative)}
-    # values may be quoted and contain commas: "Key: "a, b", Key2: v"
-    for key, value in re.findall(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings):
-        value = value.strip().strip('"')
-        out[key.strip()] = value
-    return out
+from latentdiff import __version__
+from latentdiff.cli import ArgumentParser, UsageError, check_sampler_and_guidance, output_paths, slug
+from latentdiff.io.checkpoint import BUNDLED
+from latentdiff.io.files import file_hash
+from latentdiff.io.images import format_parameters, image_grid, parse_parameters, read_parameters, save_image
 
 
 def params_from_png(path: str) -> dict:
+    """generate's settings from the `parameters` chunk of a PNG made by latentdiff or A1111."""
     try:
-        with Image.open(path) as im:
-            text = im.info.get("parameters")
+        text = read_parameters(path)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
     if not text:
@@ -152,7 +53,7 @@ def params_from_png(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .samplers import SAMPLER_NAMES
+    from latentdiff.diffusion.samplers import SAMPLER_NAMES
     p = ArgumentParser(
         prog="python -m latentdiff.generate",
         description="Generate images from text. Prompts longer than CLIP's 77-token window are encoded in "
@@ -199,54 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_sampler_and_guidance(sampler: str | None, guidance: float | None):
-    """--sampler and --guidance of generate and evaluate (None: the model's), as one-line usage errors."""
-    from .samplers import get_sampler
-    if sampler is not None:
-        try:
-            get_sampler(sampler)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    if guidance is not None and not math.isfinite(guidance):
-        raise UsageError(f"--guidance must be a finite number (got {guidance})")
-
-
-def output_paths(output: str | None, names: list[str]) -> list[Path]:
-    """One path per image: -o x.png (x-0.png, x-1.png ... for several), -o DIR, or outputs/ named by prompt and seed."""
-    if output and output.lower().endswith(".png"):
-        base = Path(output)
-        folder = base.parent
-        paths = [base] if len(names) == 1 else [folder / f"{base.stem}-{i}.png" for i in range(len(names))]
-    else:
-        folder = Path(output or "outputs")
-        paths = []
-        for name in names:
-            path, k = folder / f"{name}.png", 1
-            while path.exists() or path in paths:
-                path, k = folder / f"{name}-{k}.png", k + 1
-            paths.append(path)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".latentdiff-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"cannot write to output folder {folder}: {e.strerror or e}; choose another with -o") from None
-    return paths
-
-
-def run(args, given: set[str] = frozenset()) -> list[Path]:
-    """Generate and save; `given` names the options the user typed (they override --from-png)."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_model_config
-    from .pipeline import Pipeline, image_grid
-
-    # --from-png supplies the settings; options given on the command line still win.
-    if args.from_png:
-        for key, value in params_from_png(args.from_png).items():
-            if key not in given and hasattr(args, key):
-                setattr(args, key, value)
-    prompts = []
+def read_prompts(args) -> list[str]:
     if args.from_file:
         try:
             prompts = [ln.strip() for ln in Path(args.from_file).read_text().splitlines() if ln.strip()]
@@ -254,10 +108,14 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
             raise UsageError(f"cannot read prompts file {args.from_file}: {e.strerror}") from None
         if not prompts:
             raise UsageError(f"prompts file {args.from_file} has no prompts")
-    elif args.prompt is not None:
-        prompts = [args.prompt]
-    if not prompts:
+        return prompts
+    if args.prompt is None:
         raise UsageError('give a prompt, e.g. python -m latentdiff.generate "a cat", or --from-file / --from-png')
+    return [args.prompt]
+
+
+def check_args(args, given: set[str]):
+    """The checks that need no model, as one-line usage errors."""
     if args.grid_cols is not None and args.grid_cols < 1:
         raise UsageError(f"--grid-cols must be at least 1 (got {args.grid_cols})")
     if args.num_images < 1:
@@ -274,15 +132,21 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         raise UsageError(f"--clip-skip must be at least 1, the last layer (got {args.clip_skip})")
     if "strength" in given and not args.init_image:
         raise UsageError("--strength only applies to image-to-image: add --init-image FILE, or drop --strength")
-    init_image = None
-    if args.init_image:
-        try:
-            init_image = Image.open(args.init_image)
-            init_image.load()
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read --init-image {args.init_image}: {e}") from None
 
-    checkpoint = args.checkpoint
+
+def read_init_image(path: str | None) -> Image.Image | None:
+    if not path:
+        return None
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+    return image
+
+
+def checkpoint_path(checkpoint: str | None) -> str:
+    """--checkpoint, or the bundled model."""
     if checkpoint is None:
         if not BUNDLED.exists():
             raise UsageError(f"the bundled emoji model {BUNDLED} is missing from this install: reinstall latentdiff "
@@ -291,15 +155,16 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         checkpoint = str(BUNDLED)
     if not Path(checkpoint).is_file():
         raise UsageError(f"checkpoint {checkpoint} not found; pass an existing .safetensors or .ckpt file")
+    return checkpoint
 
-    seed = args.seed if args.seed is not None else random.randrange(2**31 - 2**20)
-    n_total = len(prompts) * args.num_images
-    names = [f"{slug(prompts[k // args.num_images])}-{seed + k}" for k in range(n_total)]
-    paths = output_paths(args.output, names)
 
+def load_pipeline(args, checkpoint: str):
+    from latentdiff.io.checkpoint import CheckpointError
+    from latentdiff.io.config import ConfigError, load_model_config
+    from latentdiff.pipeline import Pipeline
     try:
         config = load_model_config(args.config) if args.config else None
-        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype, config=config,
+        return Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype, config=config,
                                         prediction=args.prediction, ema=args.ema, compile=args.compile,
                                         cuda_graphs=not args.no_cuda_graphs)
     except (CheckpointError, ConfigError, ValueError) as e:
@@ -309,6 +174,9 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
             raise UsageError(f"device {args.device!r} is not usable here: {str(e).splitlines()[0]}") from None
         raise
 
+
+def settings_for(pipe, args, init_image, seed: int, count: int) -> dict:
+    """steps, sampler, guidance, height and width: the command line's, else the model's; checked against the model."""
     defaults = pipe.config.sampling
     settings = dict(steps=args.steps or defaults.steps, sampler=args.sampler or defaults.sampler,
                     guidance=defaults.guidance if args.guidance is None else args.guidance,
@@ -316,35 +184,42 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     try:
         pipe.check(steps=settings["steps"], height=settings["height"], width=settings["width"],
                    guidance=settings["guidance"], strength=args.strength if init_image else None,
-                   seed=seed, count=n_total)
+                   seed=seed, count=count)
     except ValueError as e:
         raise UsageError(str(e)) from None
     layers = pipe.config.text.layers
     if args.clip_skip is not None and not 1 <= args.clip_skip <= layers:
         raise UsageError(f"--clip-skip must be between 1 (the last layer) and {layers} for this model's text "
                          f"encoder (got {args.clip_skip})")
+    return settings
 
+
+def run(args, given: set[str] = frozenset()) -> list[Path]:
+    """Generate and save; `given` names the options the user typed (they override --from-png)."""
+    # --from-png supplies the settings; options given on the command line still win.
+    if args.from_png:
+        for key, value in params_from_png(args.from_png).items():
+            if key not in given and hasattr(args, key):
+                setattr(args, key, value)
+    prompts = read_prompts(args)
+    check_args(args, given)
+    init_image = read_init_image(args.init_image)
+    checkpoint = checkpoint_path(args.checkpoint)
+    seed = args.seed if args.seed is not None else random.randrange(2**31 - 2**20)
+    n_total = len(prompts) * args.num_images
+    names = [f"{slug(prompts[k // args.num_images])}-{seed + k}" for k in range(n_total)]
+    paths = output_paths(args.output, names)
+    pipe = load_pipeline(args, checkpoint)
+    settings = settings_for(pipe, args, init_image, seed, n_total)
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
     result = pipe(prompts, args.negative, num_images=args.num_images, seed=seed, init_image=init_image,
                   strength=args.strength, clip_skip=args.clip_skip, guidance_rescale=args.guidance_rescale,
                   trajectory=args.trajectory, backend=args.backend, **settings)
-
-    model_hash = file_hash(checkpoint)
-    model_name = Path(checkpoint).stem
-    written = []
-    for path, image, prompt, s, k in zip(paths, result.images, result.prompts, result.seeds, range(n_total)):
-        if args.grid_only:
-            break
-        params = dict(prompt=prompt, negative=args.negative, seed=s, model=model_name, model_hash=model_hash,
-                      strength=args.strength if init_image else None, clip_skip=args.clip_skip,
-                      guidance_rescale=args.guidance_rescale, prediction=args.prediction, **settings)
-        save_image(image, path, format_parameters(params))
-        written.append(path)
-        if args.trajectory:
-            frames = result.trajectory[k]
-            save_image(image_grid(frames, cols=len(frames)), path.with_name(path.stem + "-trajectory.png"))
-            save_image(frames, path.with_name(path.stem + "-trajectory.gif"))
+    params = dict(negative=args.negative, model=Path(checkpoint).stem, model_hash=file_hash(checkpoint),
+                  strength=args.strength if init_image else None, clip_skip=args.clip_skip,
+                  guidance_rescale=args.guidance_rescale, prediction=args.prediction, **settings)
+    written = [] if args.grid_only else save_images(result, paths, params, args.trajectory)
     if args.grid_only or (args.grid and len(result.images) > 1):
         grid_path = paths[0].with_name(f"grid-{slug(prompts[0])}-{seed}.png")
         if args.grid_only and args.output and args.output.lower().endswith(".png"):
@@ -354,6 +229,17 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
                    f"grid of {len(result.images)} images, seeds {seed}..{seed + n_total - 1}")
         written.append(grid_path)
     return written
+
+
+def save_images(result, paths: list[Path], params: dict, trajectory: bool) -> list[Path]:
+    """Each image with its `parameters` chunk (and its predicted-x0 strip and GIF with --trajectory)."""
+    for k, (path, image, prompt, seed) in enumerate(zip(paths, result.images, result.prompts, result.seeds)):
+        save_image(image, path, format_parameters(dict(params, prompt=prompt, seed=seed)))
+        if trajectory:
+            frames = result.trajectory[k]
+            save_image(image_grid(frames, cols=len(frames)), path.with_name(path.stem + "-trajectory.png"))
+            save_image(frames, path.with_name(path.stem + "-trajectory.gif"))
+    return paths[:len(result.images)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ import platform
 
 import torch
 
-from . import __version__, ops
+from latentdiff import __version__
+from latentdiff.diffusion import ops
 
 
 def kernel_backends() -> dict[str, str]:

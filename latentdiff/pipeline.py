@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from . import ops
-from .checkpoint import Models, build_models, load_models
-from .config import ModelConfig, load_model_config
-from .diffusion import guidance_rescale
-from .samplers import NoiseSampler, get_sampler
-from .schedule import Schedule
-from .text_encoder import DualTextEncoder
-from .unet import micro_conditioning
+from latentdiff.diffusion import ops
+from latentdiff.io.checkpoint import Models, build_models, load_models
+from latentdiff.io.config import ModelConfig, load_model_config
+from latentdiff.io.images import from_pil, to_pil
+from latentdiff.diffusion.process import guidance_rescale
+from latentdiff.diffusion.samplers import NoiseSampler, get_sampler
+from latentdiff.diffusion.schedule import Schedule
+from latentdiff.models.text_encoder import DualTextEncoder
+from latentdiff.models.unet import micro_conditioning
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -173,29 +174,6 @@ class Result:
     prompts: list[str]
     latents: torch.Tensor | None = None  # (B, C, h, w) final latents, when asked
     trajectory: list[list[Image.Image]] = field(default_factory=list)  # per image, predicted x0 at each step
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Images of one size on a grid, row by row (cols defaults to a near-square layout); empty cells are white."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
-    return out
-
-
-def from_pil(image: Image.Image, size: tuple[int, int], device, dtype) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) in [-1, 1], resized to size = (width, height)."""
-    from .data import to_tensor
-    return to_tensor(image.convert("RGB").resize(size, Image.LANCZOS)).unsqueeze(0).to(device, dtype)
 
 
 class Pipeline:

@@ -9,16 +9,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from latentdiff.config import load_model_config
+    from latentdiff.io.config import load_model_config
     return load_model_config(ROOT / "configs" / "tiny.yaml")
 
 
 def build_models(config, seed=0):
     """Random modules for a ModelConfig, with non-trivial weights (fixed seed)."""
-    from latentdiff.checkpoint import Models
-    from latentdiff.text_encoder import TextEncoder
-    from latentdiff.unet import UNetModel
-    from latentdiff.vae import AutoencoderKL
+    from latentdiff.io.checkpoint import Models
+    from latentdiff.models.text_encoder import TextEncoder
+    from latentdiff.models.unet import UNetModel
+    from latentdiff.models.vae import AutoencoderKL
     torch.manual_seed(seed)
     models = Models(config, UNetModel(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text))
     # Zero-initialised output layers (as in SD) would make a random U-Net predict exactly 0: perturb every
@@ -32,7 +32,7 @@ def build_models(config, seed=0):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_config):
-    from latentdiff.checkpoint import save_models
+    from latentdiff.io.checkpoint import save_models
     models = build_models(tiny_config)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_models(path, models.config, models.unet, models.vae, models.text)

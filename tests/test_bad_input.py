@@ -18,7 +18,10 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from latentdiff import checkpoint, data, evaluate, generate, train as train_mod
+from latentdiff import checkpoint as checkpoint_cmd, evaluate, generate
+from latentdiff.data import __main__ as data
+from latentdiff.io import checkpoint
+from latentdiff.train import __main__ as train_main
 
 from test_train import CONFIG, write_shards
 
@@ -69,7 +72,7 @@ def hostile(folder: Path, source: Path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from latentdiff.config import merge
+    from latentdiff.io.config import merge
     with safe_open(str(source), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -177,7 +180,7 @@ def test_evaluate_refuses(row, expect, inputs, tiny_checkpoint, work, capsys):
 
 
 def test_evaluate_without_a_bundled_model(inputs, work, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "BUNDLED", work / "none.safetensors")
+    monkeypatch.setattr(evaluate, "BUNDLED", work / "none.safetensors")
     refused(evaluate.main, ["--data", str(inputs / "ref")], "no bundled model", work, capsys)
 
 
@@ -211,7 +214,7 @@ def test_train_refuses(row, expect, inputs, work, capsys):
     shards = str(inputs / "shards" / "s-{000000..000000}.tar")
     argv = ["--config", str(CONFIG), f"--data.shards={shards}", "--data.num_workers=0", "--train.steps=1",
             f"--train.out_dir={work}/run"]
-    refused(train_mod.main, argv + expand(row, inp=inputs, work=work), expect, work, capsys)
+    refused(train_main.main, argv + expand(row, inp=inputs, work=work), expect, work, capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ CHECKPOINT = [
 
 @pytest.mark.parametrize("row,expect", CHECKPOINT)
 def test_checkpoint_refuses(row, expect, inputs, tiny_checkpoint, work, capsys):
-    refused(checkpoint.main, expand(row, inp=inputs, work=work, ckpt=tiny_checkpoint), expect, work, capsys)
+    refused(checkpoint_cmd.main, expand(row, inp=inputs, work=work, ckpt=tiny_checkpoint), expect, work, capsys)
 
 
 def test_hostile_configs_are_refused_before_building(inputs):
@@ -291,7 +294,7 @@ def test_img2img_sigmas_descend_for_every_strength(steps, tiny_config):
     """Every strength k/steps on Karras sigmas starts from a sigma strictly above the next one (the integer start
     timestep used to round down: 2 bad starts of 150 and 24 of 500)."""
     from latentdiff.pipeline import Pipeline
-    from latentdiff.samplers import NoiseSampler, get_sampler
+    from latentdiff.diffusion.samplers import NoiseSampler, get_sampler
     pipe = Pipeline.from_config(tiny_config, device="cpu")
     sigmas = get_sampler("DPM++ 2M Karras").sigmas(pipe.schedule, steps)
     image = Image.new("RGB", (32, 32), (90, 120, 200))
@@ -307,15 +310,15 @@ def test_img2img_sigmas_descend_for_every_strength(steps, tiny_config):
 def test_train_exits_2_on_a_data_error_raised_in_a_worker(inputs, work, capsys, monkeypatch):
     """All-corrupt shards stop the run with the loader's DataError, which a worker raises wrapped in its own
     traceback: still one line, exit 2 (item 12)."""
-    from latentdiff.shards import write_tar
+    from latentdiff.data.shards import write_tar
     write_tar(inputs / "corrupt.tar", [(f"{i:03d}", {"png": b"not a png", "txt": b"x"}) for i in range(3)])
     argv = ["--config", str(CONFIG), f"--data.shards={inputs / 'corrupt.tar'}", "--data.num_workers=1",
             "--train.steps=1", f"--train.out_dir={work}/run", "--data.in_memory=false"]  # the streaming worker
     capsys.readouterr()
-    assert train_mod.main(argv) == 2
+    assert train_main.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "error" in line]
     assert len(err) == 1 and "Traceback" not in err[0] and "1000 samples in a row failed" in err[0], err
     # The same shards read into memory (data.in_memory: auto takes them, being small): one line too.
-    assert train_mod.main(argv[:-1]) == 2
+    assert train_main.main(argv[:-1]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "error" in line]
     assert len(err) == 1 and "no readable sample in 1 shard(s) (3 failed)" in err[0], err

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff.data import DataConfig, load_image, make_loader
-from latentdiff.shards import ShardWriter, make_shards, write_tar
+from latentdiff.data.loader import DataConfig, make_loader
+from latentdiff.io.images import load_image
+from latentdiff.data.shards import ShardWriter, make_shards, write_tar
 
 
 def encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from latentdiff.checkpoint import (CheckpointError, Models, _meta_models, detect_config, ema_key, load_file,
-                                   load_models, save_models, split_state_dict, state_dict_for)
-from latentdiff.config import load_model_config
+from latentdiff.io.checkpoint import CheckpointError, Models, _meta_models, detect_config, ema_key, load_file, load_models, save_models, split_state_dict, state_dict_for
+from latentdiff.io.config import load_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = {"sd15": "sd15", "sd21": "sd21-base"}
@@ -257,7 +256,7 @@ def test_save_load_round_trip_keeps_weights_and_config(tmp_path):
     cfg = dataclasses.replace(load_model_config(ROOT / "configs" / "tiny.yaml"), name="roundtrip")
     cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, prediction="v_prediction"))
     torch.manual_seed(0)
-    from latentdiff.checkpoint import build_models
+    from latentdiff.io.checkpoint import build_models
     src = build_models(cfg)
     with torch.no_grad():
         for m in (src.unet, src.vae, src.text):
@@ -301,7 +300,8 @@ def test_convert_command_writes_fp16_with_config_changes(tmp_path, tiny_checkpoi
 
 def test_convert_with_vae_takes_a_fine_tuned_decoder_and_refuses_another_encoder(tmp_path, tiny_checkpoint, capsys):
     """--vae FILE: the output is SRC with FILE's VAE, allowed only when FILE's encoder is SRC's bit for bit."""
-    from latentdiff.checkpoint import main, save_models
+    from latentdiff.checkpoint import main
+    from latentdiff.io.checkpoint import save_models
     src = load_models(tiny_checkpoint)
     tuned = load_models(tiny_checkpoint)
     with torch.no_grad():

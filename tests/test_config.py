@@ -3,8 +3,7 @@ import dataclasses
 
 import pytest
 
-from latentdiff.config import (CONFIG_DIR, ConfigError, DiffusionConfig, ModelConfig, from_dict, load_model_config,
-                               load_yaml, merge, parse_overrides, to_dict)
+from latentdiff.io.config import CONFIG_DIR, ConfigError, DiffusionConfig, ModelConfig, from_dict, load_model_config, load_yaml, merge, parse_overrides, to_dict
 
 
 def test_from_dict_builds_nested_frozen_dataclasses():
@@ -70,6 +69,6 @@ def test_yaml_files_and_presets(tmp_path):
 
 def test_bare_no_in_yaml_is_the_string_choice_not_a_boolean(tmp_path):
     """YAML 1.1 reads `no` as False: `--train.mixed_precision=no` must still select "no"."""
-    from latentdiff.train import TrainConfig
+    from latentdiff.train.config import TrainConfig
     cfg = from_dict(TrainConfig, parse_overrides(["--mixed_precision=no"]), "train")
     assert cfg.mixed_precision == "no"

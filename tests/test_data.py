@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import data, emoji, encode
-from latentdiff.data import DataConfig, DataError, expand_shards, make_loader
-from latentdiff.shards import ShardWriter, make_shards
+from latentdiff.data import __main__ as data_cli, loader as data
+from latentdiff.data import emoji
+from latentdiff.data import encode
+from latentdiff.data.loader import DataConfig, DataError, expand_shards, make_loader
+from latentdiff.data.shards import ShardWriter, make_shards
 
 
 def solid(color, size=(16, 16)) -> Image.Image:
@@ -148,20 +150,20 @@ def test_make_shards_cli(tmp_path, capsys):
     for i in range(3):
         solid((i * 40, 0, 0)).save(src / f"{i}.png")
         (src / f"{i}.txt").write_text(f"red {i}")
-    data.main(["make-shards", str(src), "--out", str(tmp_path / "out"), "--per-shard", "2", "--prefix", "red"])
+    data_cli.main(["make-shards", str(src), "--out", str(tmp_path / "out"), "--per-shard", "2", "--prefix", "red"])
     out = capsys.readouterr().out
     assert "wrote 3 samples in 2 shard(s)" in out
     assert sorted(os.listdir(tmp_path / "out")) == ["red-000000.tar", "red-000001.tar"]
     # A second run into the same folder is refused unless --overwrite: one line, exit code 2.
     with pytest.raises(SystemExit) as e:
-        data.main(["make-shards", str(src), "--out", str(tmp_path / "out"), "--prefix", "red"])
+        data_cli.main(["make-shards", str(src), "--out", str(tmp_path / "out"), "--prefix", "red"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--overwrite" in err and "\n" not in err
-    data.main(["make-shards", str(src), "--out", str(tmp_path / "out"), "--prefix", "red", "--overwrite"])
+    data_cli.main(["make-shards", str(src), "--out", str(tmp_path / "out"), "--prefix", "red", "--overwrite"])
     assert sorted(os.listdir(tmp_path / "out")) == ["red-000000.tar"]  # the stale second shard is gone
     with pytest.raises(SystemExit) as e:
-        data.main(["make-shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
+        data_cli.main(["make-shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
     assert e.value.code == 2
 
 
@@ -433,7 +435,7 @@ def test_emoji_shards(tmp_path, monkeypatch):
 def test_missing_font_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(emoji, "EMOJI_FONT_PATHS", (str(tmp_path / "none.ttf"),))
     with pytest.raises(SystemExit) as e:
-        data.main(["emoji", "--out", str(tmp_path / "out")])
+        data_cli.main(["emoji", "--out", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "apt-get install fonts-noto-color-emoji" in err and err.count("\n") == 1
@@ -444,8 +446,8 @@ def test_missing_font_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def tiny_checkpoint(path):
-    from latentdiff.checkpoint import build_models, save_models
-    from latentdiff.config import load_model_config
+    from latentdiff.io.checkpoint import build_models, save_models
+    from latentdiff.io.config import load_model_config
 
     torch.manual_seed(0)
     config = load_model_config("configs/tiny.yaml")
@@ -468,7 +470,7 @@ def test_encode_shards_equals_vae_encode(tmp_path, capsys):
 
     pattern = write_shards(tmp_path / "img", 2, 3, sample)
     out = tmp_path / "lat"
-    data.main(["encode-shards", pattern, "--out", str(out), "--checkpoint", str(tmp_path / "tiny.safetensors"),
+    data_cli.main(["encode-shards", pattern, "--out", str(out), "--checkpoint", str(tmp_path / "tiny.safetensors"),
                "--resolution", "32", "--batch-size", "2", "--device", "cpu", "--hflip"])
     summary = capsys.readouterr().out
     assert "wrote 5 samples in 2 shard(s)" in summary and "undecodable sample" in summary
@@ -498,9 +500,9 @@ def test_encode_shards_equals_vae_encode(tmp_path, capsys):
     assert batch["latents"].shape == (5, 4, 8, 8)
 
     with pytest.raises(SystemExit) as e:  # the outputs exist now: refused without --overwrite
-        data.main(["encode-shards", pattern, "--out", str(out), "--checkpoint", str(tmp_path / "tiny.safetensors")])
+        data_cli.main(["encode-shards", pattern, "--out", str(out), "--checkpoint", str(tmp_path / "tiny.safetensors")])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
-        data.main(["encode-shards", pattern, "--out", str(tmp_path / "l2"), "--checkpoint", str(tmp_path / "no")])
+        data_cli.main(["encode-shards", pattern, "--out", str(tmp_path / "l2"), "--checkpoint", str(tmp_path / "no")])
     assert e.value.code == 2
     assert "cannot load --checkpoint" in capsys.readouterr().err

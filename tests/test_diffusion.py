@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.config import DiffusionConfig
-from latentdiff.diffusion import (convert, gaussian_kl, guidance_rescale, loss_weight, predict_x0_eps, q_sample,
-                                  training_batch)
-from latentdiff.schedule import Schedule
+from latentdiff.io.config import DiffusionConfig
+from latentdiff.diffusion.process import convert, gaussian_kl, guidance_rescale, loss_weight, predict_x0_eps, q_sample, training_batch
+from latentdiff.diffusion.schedule import Schedule
 
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 F64 = dict(rtol=1e-12, atol=1e-12)

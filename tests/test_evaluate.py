@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.shards import write_tar
+from latentdiff.data.shards import write_tar
 from latentdiff.evaluate import features, frechet_distance, load_reference, main, nearest_hits, reconstruction_psnr
 
 
@@ -89,9 +89,10 @@ def test_denoise_from_with_an_oracle_network_returns_the_vae_reconstruction(tmp_
     iterative run land on x0 exactly, whatever the noise: the output is the VAE's round trip of the reference."""
     import dataclasses
 
-    from latentdiff.checkpoint import load_models
+    from latentdiff.io.checkpoint import load_models
     from latentdiff.evaluate import denoise_from, psnr
-    from latentdiff.pipeline import Pipeline, to_pil
+    from latentdiff.pipeline import Pipeline
+    from latentdiff.io.images import to_pil
     reference_set(tmp_path)
     _, prompts, images = load_reference(tmp_path)
     models = load_models(tiny_checkpoint)

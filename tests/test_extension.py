@@ -24,7 +24,7 @@ def _import_extension():
 
 def test_extension_registers_cpu_kernels():
     _import_extension()
-    from latentdiff import ops
+    from latentdiff.diffusion import ops
 
     assert ops.fused_available()
     for name in OPS:
@@ -49,7 +49,7 @@ def test_without_extension_torch_path_and_one_warning():
 import sys, warnings
 sys.modules["latentdiff._C"] = None  # makes `from . import _C` raise ImportError
 import torch
-from latentdiff import ops
+from latentdiff.diffusion import ops
 x, t = torch.randn(2, 3), torch.tensor([0, 1])
 tab = torch.rand(10)
 with warnings.catch_warnings(record=True) as caught:

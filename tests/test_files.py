@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from latentdiff.files import atomic_write
+from latentdiff.io.files import atomic_write
 
 
 def test_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff.generate import format_parameters, main, params_from_png, parse_parameters
+from latentdiff.io.images import format_parameters, parse_parameters
+from latentdiff.generate import main, params_from_png
 
 
 def run(capsys, *argv):
@@ -159,10 +160,10 @@ def test_sd21_layout_checkpoint_end_to_end(tmp_path, capsys):
     import torch
     from safetensors.torch import save_file
 
-    from latentdiff.checkpoint import state_dict_for
-    from latentdiff.config import load_model_config
+    from latentdiff.io.checkpoint import state_dict_for
+    from latentdiff.io.config import load_model_config
     from latentdiff.pipeline import Pipeline
-    from latentdiff.schedule import Schedule
+    from latentdiff.diffusion.schedule import Schedule
     from conftest import build_models
 
     (tmp_path / "small.yaml").write_text(SMALL_SD21)

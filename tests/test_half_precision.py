@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_models
-from latentdiff.checkpoint import save_models
-from latentdiff.config import load_model_config
+from latentdiff.io.checkpoint import save_models
+from latentdiff.io.config import load_model_config
 from latentdiff.pipeline import Pipeline
-from latentdiff.unet import GroupNorm32
+from latentdiff.models.unet import GroupNorm32
 
 ROOT = Path(__file__).resolve().parent.parent
 HALF = [torch.float16, torch.bfloat16]
@@ -153,12 +153,12 @@ def shards(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["unet", "vae"])
 def test_trainer_steps_under_bf16_autocast_on_cpu(shards, tmp_path, stage):
     """The same three steps with and without bf16 autocast: finite losses that agree, weights stored in float32."""
-    from latentdiff import train
+    from latentdiff.train import __main__ as train_main
     from test_train import CONFIG, common_args, complete_checkpoints, read_csv
     losses = {}
     for precision in ("no", "bf16"):
         out = tmp_path / precision
-        train.main(["--config", str(CONFIG), *common_args(shards, out, stage=stage, steps=3, lr="1e-3",
+        train_main.main(["--config", str(CONFIG), *common_args(shards, out, stage=stage, steps=3, lr="1e-3",
                                                           mixed_precision=precision),
                     "--data.num_workers=0", "--data.caption_dropout=0"])
         losses[precision] = torch.tensor([r["loss"] for r in read_csv(out)])

@@ -1,4 +1,4 @@
-"""The in-memory fast path (latentdiff.memory_loader): epoch coverage, rank slices, caption dropout, the same samples
+"""The in-memory fast path (latentdiff.data.memory): epoch coverage, rank slices, caption dropout, the same samples
 and captions as the streaming loader, the same loss in a training run, and no host sync between log steps."""
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import train as train_mod
-from latentdiff.checkpoint import load_models
-from latentdiff.data import DataConfig, expand_shards, make_loader
-from latentdiff.shards import write_tar
-from latentdiff.memory_loader import MemoryLoader, make_memory_loader, read_samples
+from latentdiff.train import config as train_config, log as train_log, loop as train_loop, losses as train_losses, __main__ as train_main
+from latentdiff.diffusion.schedule import Schedule
+from latentdiff.io.checkpoint import load_models
+from latentdiff.data.loader import DataConfig, expand_shards, make_loader
+from latentdiff.data.shards import write_tar
+from latentdiff.data.memory import MemoryLoader, make_memory_loader, read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "train-tiny.yaml"
@@ -183,7 +184,7 @@ def test_training_loss_matches_the_streaming_batch(latents, tmp_path, tiny_check
     real = MemoryLoader.batch
     monkeypatch.setattr(MemoryLoader, "batch", lambda self, idx: first.append(real(self, idx)) or first[-1])
     out = tmp_path / "run"
-    train_mod.main(["--config", str(CONFIG), f"--data.shards={latents}", "--data.latents=true",
+    train_main.main(["--config", str(CONFIG), f"--data.shards={latents}", "--data.latents=true",
                     "--data.in_memory=true", "--data.batch_size=6", "--data.caption_dropout=0",
                     f"--train.init={tiny_checkpoint}", f"--train.out_dir={out}", "--train.steps=3",
                     "--train.warmup_steps=0", "--train.log_every=1", "--train.lr=1e-3"])
@@ -192,9 +193,9 @@ def test_training_loss_matches_the_streaming_batch(latents, tmp_path, tiny_check
     assert all(math.isfinite(float(r.split(",")[1])) for r in rows[1:]) and len(rows) == 4
 
     # The streaming loader's decoding of the same samples (latent bytes -> latent, caption), tokenized by it.
-    model_cfg, _, cfg = train_mod.load_config(CONFIG, {"data": {"shards": latents}})
+    model_cfg, _, cfg = train_config.load_config(CONFIG, {"data": {"shards": latents}})
     models = load_models(tiny_checkpoint, dtype=torch.float32)
-    tokenize = train_mod.Tokenizer(models.config.text)
+    tokenize = train_loop.Tokenizer(models.config.text)
     stream = {}
     streaming = make_loader(DataConfig(shards=latents, latents=True, batch_size=5, caption_dropout=0.0,
                                        num_workers=0, resample=False), tokenize=tokenize)
@@ -204,7 +205,7 @@ def test_training_loss_matches_the_streaming_batch(latents, tmp_path, tiny_check
                 stream.setdefault(x.numpy().tobytes(), {})[tuple(t.tolist())] = (x, t)
     rows_ = [stream[x.numpy().tobytes()][tuple(t.tolist())] for x, t in zip(first[0]["latents"], first[0]["tokens"])]
     batch = {"latents": torch.stack([r[0] for r in rows_]), "tokens": torch.stack([r[1] for r in rows_])}
-    loss_module = train_mod.UNetLoss(models, train_mod.Schedule.from_config(models.config.diffusion), False,
+    loss_module = train_losses.UNetLoss(models, Schedule.from_config(models.config.diffusion), False,
                                      cfg.loss_weighting, cfg.min_snr_gamma, cfg.timestep_bias)
     models.unet.train()
     models.text.eval()
@@ -221,10 +222,10 @@ def test_no_host_sync_between_log_steps(latents, tmp_path, tiny_checkpoint, monk
             syncs[0] += 1
             return _real(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, counted)
-    real_advance = train_mod.Logger.advance
-    monkeypatch.setattr(train_mod.Logger, "advance", lambda self, n=1: (at_step.append(syncs[0]),
+    real_advance = train_log.Logger.advance
+    monkeypatch.setattr(train_log.Logger, "advance", lambda self, n=1: (at_step.append(syncs[0]),
                                                                          real_advance(self, n)))
-    train_mod.main(["--config", str(CONFIG), f"--data.shards={latents}", "--data.latents=true",
+    train_main.main(["--config", str(CONFIG), f"--data.shards={latents}", "--data.latents=true",
                     "--data.batch_size=4", f"--train.init={tiny_checkpoint}", f"--train.out_dir={tmp_path / 'r'}",
                     "--train.steps=12", "--train.warmup_steps=0", "--train.log_every=4",
                     "--train.checkpoint_every=1000", "--train.lr=1e-3"])
@@ -238,7 +239,7 @@ def test_nonfinite_steps_inside_a_log_window_are_skipped_and_counted(latents, tm
                                                                        monkeypatch):
     """Steps 2 and 3 poisoned, read only at the log step 6: the checkpoint at step 5 already counts them, and
     neither updated weights, optimizer or EMA."""
-    from latentdiff import diffusion
+    from latentdiff.diffusion import process as diffusion
     calls, real = [0], diffusion.training_batch
 
     def poisoned(*args):
@@ -248,7 +249,7 @@ def test_nonfinite_steps_inside_a_log_window_are_skipped_and_counted(latents, tm
 
     monkeypatch.setattr(diffusion, "training_batch", poisoned)
     out = tmp_path / "run"
-    train_mod.main(["--config", str(CONFIG), f"--data.shards={latents}", "--data.latents=true",
+    train_main.main(["--config", str(CONFIG), f"--data.shards={latents}", "--data.latents=true",
                     f"--train.init={tiny_checkpoint}", f"--train.out_dir={out}", "--train.steps=6",
                     "--train.warmup_steps=0", "--train.log_every=6", "--train.checkpoint_every=5", "--train.lr=1e-3"])
     state = torch.load(out / "ckpt-00000005" / "state.pt", weights_only=True)
@@ -263,7 +264,7 @@ def test_nonfinite_steps_inside_a_log_window_are_skipped_and_counted(latents, tm
 def test_ema_step_is_skipped_on_the_device_when_not_ok():
     """ema = d ema + (1 - d) p with d = min(decay, (1 + n) / (10 + n)), n counting only the ok updates."""
     m = torch.nn.Linear(3, 2)
-    ema = train_mod.EMA({"m": m}, decay=0.9, warmup=True)
+    ema = train_losses.EMA({"m": m}, decay=0.9, warmup=True)
     start = {k: v.clone() for k, v in ema.modules["m"].state_dict().items()}
     with torch.no_grad():
         for p in m.parameters():

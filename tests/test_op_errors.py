@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff import ops
+from latentdiff.diffusion import ops
 
 HERE = Path(__file__).resolve()
 OVERLAP = "some elements of the input tensor and the written-to tensor refer to a single memory location"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from latentdiff import ops
+from latentdiff.diffusion import ops
 
 pytestmark = pytest.mark.skipif(not ops.fused_available(), reason="latentdiff._C not built (tests/test_extension.py "
                                 "fails in CI when LATENTDIFF_REQUIRE_EXT=1)")
@@ -402,12 +402,10 @@ class ToyDenoiser:
 SAMPLERS = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("latentdiff.samplers") is None,
-                    reason="latentdiff/samplers.py is not written yet")
 @pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("guidance", [None, 6.0])
 def test_full_sampling_loop_same_images_fused_and_torch(name, guidance):
-    from latentdiff import samplers
+    from latentdiff.diffusion import samplers
 
     model = ToyDenoiser(4, guidance)
     sigmas = torch.cat([torch.exp(torch.linspace(math.log(14.6), math.log(0.03), 12, dtype=torch.float64)),

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from latentdiff import ops
+from latentdiff.diffusion import ops
 from latentdiff.pipeline import Pipeline, UNetDenoiser, pick_device, pick_dtype
 
 
@@ -132,8 +132,8 @@ def test_img2img_starts_from_the_q_sampled_image(pipe):
     res = pipe("a cat", init_image=img, strength=0.5, steps=10, sampler="euler", seed=4, progress=False,
                callback=lambda info: seen.append(info["sigma"]))
     assert len(seen) == 5  # half the steps
-    from latentdiff.samplers import NoiseSampler, get_sampler
-    from latentdiff.pipeline import from_pil
+    from latentdiff.diffusion.samplers import NoiseSampler, get_sampler
+    from latentdiff.io.images import from_pil
     sigmas = get_sampler("euler").sigmas(pipe.schedule, 10)
     x, left = pipe._init_from_image(img, (64, 64), sigmas, 0.5, NoiseSampler([torch.Generator().manual_seed(4)]),
                                     (1, 4, 16, 16))
@@ -155,7 +155,7 @@ def test_img2img_starts_from_the_q_sampled_image(pipe):
 def test_sampling_loop_has_no_host_device_syncs(tiny_checkpoint, sampler, graphed):
     """torch.cuda.set_sync_debug_mode("error") raises on any sync: the whole loop must run without one, with the
     eager U-Net and with the CUDA-graph replay the pipeline uses (captured in the warm-up run)."""
-    from latentdiff.samplers import NoiseSampler, get_sampler
+    from latentdiff.diffusion.samplers import NoiseSampler, get_sampler
     pipe = Pipeline.from_checkpoint(tiny_checkpoint, device="cuda", dtype="fp16")
     spec = get_sampler(sampler)
     sigmas = spec.sigmas(pipe.schedule, 8)
@@ -176,7 +176,7 @@ def test_sampling_loop_has_no_host_device_syncs(tiny_checkpoint, sampler, graphe
 
 def test_given_latents_are_the_starting_noise(pipe):
     """latents= is unit-variance noise (diffusers' convention): passing the seed's own draw reproduces the seed."""
-    from latentdiff.samplers import NoiseSampler
+    from latentdiff.diffusion.samplers import NoiseSampler
     kw = dict(steps=3, sampler="euler", guidance=3.0, progress=False, return_latents=True)
     ref = pipe("a cat", seed=9, **kw).latents
     draw = NoiseSampler([torch.Generator().manual_seed(9)])(torch.empty(1, 4, 16, 16))

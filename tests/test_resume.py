@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff import train as train_mod
+from latentdiff.train import __main__ as train_main, state as train_state
 
 from test_train import CONFIG, common_args, write_shards
 
@@ -22,13 +22,13 @@ def shards(tmp_path_factory):
 def run(shards, out, *extra, **train):
     args = ["--config", str(CONFIG), *common_args(shards, out, **train), "--data.num_workers=0",
             "--data.batch_size=2", *extra]
-    assert train_mod.main(args) == 0
+    assert train_main.main(args) == 0
 
 
 def steps_in(folder: Path) -> dict[int, int]:
     """{checkpoint step: train.steps of the run that wrote it} for the complete checkpoints in folder."""
     out = {}
-    for step, path in train_mod.list_checkpoints(folder):
+    for step, path in train_state.list_checkpoints(folder):
         state = torch.load(path / "state.pt", weights_only=True)
         out[step] = state["config"]["train"]["steps"]
     return out

@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
-from latentdiff import ops, samplers
-from latentdiff.config import DiffusionConfig
-from latentdiff.samplers import NoiseSampler, SAMPLER_NAMES, as_denoiser, get_sampler
-from latentdiff.schedule import Schedule, sampling_sigmas
+from latentdiff.diffusion import ops
+from latentdiff.diffusion import samplers
+from latentdiff.io.config import DiffusionConfig
+from latentdiff.diffusion.samplers import NoiseSampler, SAMPLER_NAMES, as_denoiser, get_sampler
+from latentdiff.diffusion.schedule import Schedule, sampling_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers turns its float32 torch tables into numpy with np.array(tensor), which numpy 2 flags; not ours.

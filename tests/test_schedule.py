@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from latentdiff.config import DiffusionConfig
-from latentdiff.schedule import (Schedule, betas, exponential_sigmas, karras_sigmas, rescale_zero_terminal_snr,
-                                 sampling_sigmas, timesteps)
+from latentdiff.io.config import DiffusionConfig
+from latentdiff.diffusion.schedule import Schedule, betas, exponential_sigmas, karras_sigmas, rescale_zero_terminal_snr, sampling_sigmas, timesteps
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers turns its float32 torch tables into numpy with np.array(tensor), which numpy 2 flags; not ours.

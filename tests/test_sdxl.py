@@ -9,12 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.checkpoint import (SDXL_G_PREFIX, SDXL_L_PREFIX, CheckpointError, _meta_models, build_models,
-                                   detect_config, load_file, load_models, save_models, state_dict_for)
-from latentdiff.config import load_model_config
+from latentdiff.io.checkpoint import SDXL_G_PREFIX, SDXL_L_PREFIX, CheckpointError, _meta_models, build_models, detect_config, load_file, load_models, save_models, state_dict_for
+from latentdiff.io.config import load_model_config
 from latentdiff.pipeline import Pipeline
-from latentdiff.text_encoder import EOT, DualTextEncoder, bpe_tokenizer
-from latentdiff.unet import UNetConfig, UNetModel, micro_conditioning
+from latentdiff.models.text_encoder import EOT, DualTextEncoder, bpe_tokenizer
+from latentdiff.models.unet import UNetConfig, UNetModel, micro_conditioning
 from test_text_encoder import perturbed
 
 ROOT = Path(__file__).resolve().parent.parent

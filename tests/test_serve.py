@@ -18,8 +18,14 @@ import pytest
 import requests
 from PIL import Image
 
-from latentdiff import serve
-from latentdiff.generate import file_hash, main as generate_main, parse_parameters
+from latentdiff.cli import UsageError
+from latentdiff.generate import main as generate_main
+from latentdiff.io.files import file_hash
+from latentdiff.io.images import parse_parameters
+from latentdiff.serve.__main__ import load_config, main as serve_main
+from latentdiff.serve.a1111 import resolve_sampler
+from latentdiff.serve.app import create_app, is_loopback
+from latentdiff.serve.worker import Checkpoint, ServeConfig, Worker
 
 webuiapi = pytest.importorskip("webuiapi")
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,14 +51,14 @@ def generated(tmp_path, name, *argv) -> Image.Image:
 class InProcess:
     """The app on uvicorn in a thread of this process, on a free loopback port."""
 
-    def __init__(self, checkpoints, config=serve.ServeConfig(), credentials=None, outdir=None):
+    def __init__(self, checkpoints, config=ServeConfig(), credentials=None, outdir=None):
         import uvicorn
-        self.worker = serve.Worker([serve.Checkpoint(Path(c).resolve(), hashlib.sha256(Path(c).read_bytes()).hexdigest())
-                                    for c in checkpoints], config, device="cpu", outdir=outdir)
+        self.worker = Worker([Checkpoint(Path(c).resolve(), hashlib.sha256(Path(c).read_bytes()).hexdigest())
+                              for c in checkpoints], config, device="cpu", outdir=outdir)
         self.worker.start()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(serve.create_app(self.worker, credentials), host="127.0.0.1",
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.worker, credentials), host="127.0.0.1",
                                                     port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -143,7 +149,7 @@ def test_samplers_schedulers_models_options_progress(server, tiny_checkpoint):
     samplers = api.get_samplers()
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM"} <= {s["name"] for s in samplers}
     for s in samplers:  # every advertised name and alias is accepted, and means that sampler
-        assert all(serve.resolve_sampler(a, None, "x") == (s["name"], "default") for a in s["aliases"])
+        assert all(resolve_sampler(a, None, "x") == (s["name"], "default") for a in s["aliases"])
     assert {"automatic", "karras", "exponential"} == set(api.util_get_scheduler_names())
     sha = hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest()
     models = api.get_sd_models()
@@ -254,7 +260,7 @@ def test_interrupt_stops_the_job_and_progress_shows_steps_and_preview(server):
 
 def test_models_selectable_by_title_and_save_images(tiny_config, tiny_checkpoint, tmp_path):
     from conftest import build_models
-    from latentdiff.checkpoint import save_models
+    from latentdiff.io.checkpoint import save_models
     other = tmp_path / "other.safetensors"
     models = build_models(tiny_config, seed=1)
     save_models(other, models.config, models.unet, models.vae, models.text)
@@ -286,15 +292,15 @@ def test_models_selectable_by_title_and_save_images(tiny_config, tiny_checkpoint
 
 def test_limits_from_a_config_file(tmp_path):
     (tmp_path / "serve.yaml").write_text("serve:\n  max_steps: 10\n  max_queue: 2\n")
-    c = serve.load_config(str(tmp_path / "serve.yaml"), ["--serve.max_queue=5"])
-    assert (c.max_steps, c.max_queue, c.max_images) == (10, 5, serve.ServeConfig().max_images)
+    c = load_config(str(tmp_path / "serve.yaml"), ["--serve.max_queue=5"])
+    assert (c.max_steps, c.max_queue, c.max_images) == (10, 5, ServeConfig().max_images)
     (tmp_path / "bad.yaml").write_text("serve:\n  max_step: 10\n")
-    with pytest.raises(serve.UsageError, match="unknown config key.*serve.max_step.*valid keys"):
-        serve.load_config(str(tmp_path / "bad.yaml"), [])
+    with pytest.raises(UsageError, match="unknown config key.*serve.max_step.*valid keys"):
+        load_config(str(tmp_path / "bad.yaml"), [])
 
 
 def test_full_queue_answers_503_at_once(tiny_checkpoint):
-    s = InProcess([tiny_checkpoint], serve.ServeConfig(max_queue=0))
+    s = InProcess([tiny_checkpoint], ServeConfig(max_queue=0))
     try:
         t = time.time()
         r = s.post("txt2img", {"prompt": "x", "steps": 1})
@@ -352,7 +358,7 @@ def test_no_route_reads_or_reveals_a_path(server, tiny_checkpoint, tmp_path):
         detail = r.json()["detail"]
         assert r.status_code == 400 and ("Images must be base64" in detail or "Invalid encoded image" in detail)
         assert server.post("png-info", {"image": image}).status_code == 400
-    for path in ["/static/../serve.py", "/static/..%2fserve.py", "/static/%2e%2e%2f__init__.py", "/static/index.html/..",
+    for path in ["/static/../app.py", "/static/..%2fapp.py", "/static/%2e%2e%2f__init__.py", "/static/index.html/..",
                  "/static//etc/passwd", "/../../etc/passwd"]:
         r = requests.get(server.url + path, timeout=30)
         assert r.status_code == 404 and "import" not in r.text and "root:" not in r.text, path
@@ -385,25 +391,25 @@ def test_no_route_reads_or_reveals_a_path(server, tiny_checkpoint, tmp_path):
 
 
 def test_bind_without_auth_refused_and_missing_model_one_line(tiny_checkpoint, capsys, monkeypatch):
-    assert serve.main(["--host", "0.0.0.0", "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert serve_main(["--host", "0.0.0.0", "--checkpoint", str(tiny_checkpoint)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "refusing to serve on 0.0.0.0 without authentication" in err
-    assert serve.main(["--host", "::", "--api-auth", "nopassword"]) == 2
+    assert serve_main(["--host", "::", "--api-auth", "nopassword"]) == 2
     assert "--api-auth must look like USER:PASSWORD" in capsys.readouterr().err
-    monkeypatch.setattr(serve, "BUNDLED", Path("/nonexistent/emoji.safetensors"))
-    assert serve.main([]) == 2
+    monkeypatch.setattr("latentdiff.io.checkpoint.BUNDLED", Path("/nonexistent/emoji.safetensors"))
+    assert serve_main([]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no model to serve" in err and "--checkpoint" in err
-    assert serve.main(["--checkpoint", str(tiny_checkpoint), "--serve.max_stepz=3"]) == 2
+    assert serve_main(["--checkpoint", str(tiny_checkpoint), "--serve.max_stepz=3"]) == 2
     assert "unknown config key(s) serve.max_stepz" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        assert serve.main(["--checkpoint", str(tiny_checkpoint), "--port", str(taken.getsockname()[1])]) == 2
+        assert serve_main(["--checkpoint", str(tiny_checkpoint), "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot listen on 127.0.0.1:" in err and "in use" in err
-    assert [serve.is_loopback(h) for h in ["127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "0.0.0.0", "::",
-                                           "192.168.1.2", "example.com"]] == [True] * 5 + [False] * 4
+    assert [is_loopback(h) for h in ["127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "0.0.0.0", "::",
+                                     "192.168.1.2", "example.com"]] == [True] * 5 + [False] * 4
 
 
 # ----------------------------------------------------------------------------------------------

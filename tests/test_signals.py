@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_train import CONFIG, ROOT, common_args, descendants, write_shards
-from latentdiff.train import list_checkpoints
+from latentdiff.train.state import list_checkpoints
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -45,7 +45,7 @@ def test_signal_to_the_process_group_saves_and_exits_0(tmp_path, sig):
 
 LEFT_OPEN = """
 import sys
-from latentdiff.data import DataConfig, make_loader
+from latentdiff.data.loader import DataConfig, make_loader
 cfg = DataConfig(shards=sys.argv[1], resolution=32, batch_size=2, num_workers=2, shuffle_buffer=4)
 kept = [make_loader(cfg, epoch_length=1000), make_loader(cfg)]  # an endless stream and a one-pass loader
 readers = [iter(loader) for loader in kept]
@@ -58,7 +58,7 @@ print("read a batch from each; exiting with both open", flush=True)
 def test_a_loader_left_open_does_not_hang_the_exit(tmp_path):
     """The workers ignore SIGTERM, and multiprocessing's exit hook terminates (SIGTERM) and then joins its children:
     a loader nobody closed (a test that stopped reading, an exception) once left `pytest` waiting there for ever
-    after its summary. data.py closes every open loader at exit, before that hook."""
+    after its summary. data/loader.py closes every open loader at exit, before that hook."""
     shards = write_shards(tmp_path / "shards", 2, 4, corrupt=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", LEFT_OPEN, shards], env=env, stdout=subprocess.PIPE,
@@ -75,7 +75,7 @@ def test_a_loader_left_open_does_not_hang_the_exit(tmp_path):
 
 
 def test_close_ends_the_workers_and_the_loader_can_start_again(tmp_path):
-    from latentdiff.data import DataConfig, make_loader
+    from latentdiff.data.loader import DataConfig, make_loader
     shards = write_shards(tmp_path / "shards", 2, 4, corrupt=False)
     loader = make_loader(DataConfig(shards=shards, resolution=32, batch_size=2, num_workers=2, shuffle_buffer=4),
                          epoch_length=3)

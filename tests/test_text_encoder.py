@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from latentdiff.checkpoint import hf_clip_to_open_clip
-from latentdiff.text_encoder import EOT, SOT, TextConfig, TextEncoder, bpe_tokenizer
+from latentdiff.io.checkpoint import hf_clip_to_open_clip
+from latentdiff.models.text_encoder import EOT, SOT, TextConfig, TextEncoder, bpe_tokenizer
 
 SD1_SMALL = TextConfig(width=64, layers=3, heads=4, act="quick_gelu", output_layer="last", pad="eos")
 SD2_SMALL = TextConfig(width=64, layers=3, heads=4, act="gelu", output_layer="penultimate", pad="zero", embed_dim=32)
@@ -142,13 +142,13 @@ def test_open_clip_floor_is_checked_at_import():
     import subprocess
     import sys
 
-    from latentdiff.text_encoder import check_open_clip
+    from latentdiff.models.text_encoder import check_open_clip
     for ok in ("2.26.1", "2.32.0", "3.3.0"):
         check_open_clip(ok)
     with pytest.raises(ImportError, match=r">= 2\.26\.1.*found 2\.24\.0"):
         check_open_clip("2.24.0")
     code = ("import importlib.metadata as m; real = m.version; "
-            "m.version = lambda n: '2.20.0' if n == 'open_clip_torch' else real(n); import latentdiff.text_encoder")
+            "m.version = lambda n: '2.20.0' if n == 'open_clip_torch' else real(n); import latentdiff.models.text_encoder")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == ("ImportError: latentdiff needs open_clip_torch >= 2.26.1 (batch-first "

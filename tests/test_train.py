@@ -21,9 +21,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from latentdiff import diffusion, train as train_mod
-from latentdiff.checkpoint import load_models
-from latentdiff.shards import write_tar
+from latentdiff.train.config import process as diffusion
+from latentdiff.train import config as train_config, loop as train_loop, losses as train_losses, __main__ as train_main
+from latentdiff.io.checkpoint import load_models
+from latentdiff.data.shards import write_tar
 from test_data import read_tar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,14 +242,14 @@ def test_sigkill_then_resume_auto_continues_from_the_checkpoint(shards, tmp_path
 
 
 def test_latent_shards_train_like_encoding_on_the_fly(clean_shards, tmp_path, tiny_checkpoint):
-    from latentdiff import data
+    from latentdiff.data import __main__ as data_cli
     latent_dir = tmp_path / "latents"
-    data.main(["encode-shards", clean_shards, "--out", str(latent_dir), "--checkpoint", str(tiny_checkpoint),
+    data_cli.main(["encode-shards", clean_shards, "--out", str(latent_dir), "--checkpoint", str(tiny_checkpoint),
                "--resolution", "32", "--batch-size", "3", "--device", "cpu"])
     runs = {}
     for name, spec, latents in (("pixels", clean_shards, "false"), ("latents", str(latent_dir), "true")):
         out = tmp_path / name
-        train_mod.main(["--config", str(CONFIG), *common_args(spec, out, steps=6, lr="1e-3", init=tiny_checkpoint),
+        train_main.main(["--config", str(CONFIG), *common_args(spec, out, steps=6, lr="1e-3", init=tiny_checkpoint),
                         "--data.num_workers=0", f"--data.latents={latents}", "--data.shuffle_buffer=3"])
         runs[name] = [r["loss"] for r in read_csv(out)]
     assert len(runs["pixels"]) == 6
@@ -266,7 +267,7 @@ def test_nonfinite_losses_are_skipped_and_counted(clean_shards, tmp_path, monkey
 
     monkeypatch.setattr(diffusion, "training_batch", poisoned)
     out = tmp_path / "run"
-    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=6, lr="1e-3", sample_every=6,
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=6, lr="1e-3", sample_every=6,
                                                           sample_steps=2), "--data.num_workers=0"])
     rows = read_csv(out)
     assert [r["nonfinite_steps"] for r in rows] == [0, 1, 2, 2, 2, 2]
@@ -284,7 +285,7 @@ def test_too_many_nonfinite_losses_stop_with_a_clear_message(clean_shards, tmp_p
                         lambda *a: (lambda xt, tg: (xt, tg * float("inf")))(*real(*a)))
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"3 consecutive non-finite losses at step 3 .*max_consecutive_nonfinite=3"):
-        train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=20,
+        train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=20,
                                                               max_consecutive_nonfinite=3), "--data.num_workers=0"])
     assert not complete_checkpoints(out)
 
@@ -302,7 +303,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(clean_shards, tmp_path, mo
     monkeypatch.setattr(diffusion, "training_batch", preempted)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"
-    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=50, checkpoint_every=100),
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=50, checkpoint_every=100),
                     "--data.num_workers=0"])
     assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is gone after the run
     assert sorted(complete_checkpoints(out)) == [3]  # step 3 finished, then saved
@@ -312,7 +313,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(clean_shards, tmp_path, mo
 
 def test_vae_stage_reduces_reconstruction_loss(clean_shards, tmp_path):
     out = tmp_path / "vae"
-    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=12, lr="2e-3",
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=12, lr="2e-3",
                                                           sample_every=12), "--data.num_workers=0"])
     losses = [r["loss"] for r in read_csv(out)]
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
@@ -325,7 +326,7 @@ def test_vae_stage_reduces_reconstruction_loss(clean_shards, tmp_path):
 
     # From scratch the exported scale factor is estimated (1/std of the reference batch's latents): latents of the
     # other training images, scaled by it, have a standard deviation near 1, and SD's 0.18215 is gone.
-    from latentdiff.data import DataConfig, make_loader
+    from latentdiff.data.loader import DataConfig, make_loader
     assert models.config.vae.scale_factor != pytest.approx(0.18215)
     loader = make_loader(DataConfig(shards=clean_shards, resolution=32, batch_size=8, num_workers=0,
                                     caption_dropout=0.0, resample=False))
@@ -337,7 +338,7 @@ def test_vae_stage_reduces_reconstruction_loss(clean_shards, tmp_path):
 
 def test_vae_stage_keeps_the_scale_factor_when_asked(clean_shards, tmp_path):
     out = tmp_path / "vae"
-    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=2,
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=2,
                                                           vae_scale_factor="keep"), "--data.num_workers=0"])
     models = load_models(complete_checkpoints(out)[2] / "model.safetensors")
     assert models.config.vae.scale_factor == pytest.approx(0.18215)
@@ -349,7 +350,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(clean_shards, tmp_pat
     states = {}
     for gc in ("false", "true"):
         out = tmp_path / gc
-        train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=3, lr="1e-3", grad_accum=2,
+        train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=3, lr="1e-3", grad_accum=2,
                                                               train_text_encoder="true", loss_weighting="min_snr",
                                                               gradient_checkpointing=gc, init=tiny_checkpoint),
                         "--data.batch_size=2", "--data.num_workers=0"])
@@ -368,7 +369,7 @@ def test_init_vae_keeps_the_vae_and_builds_the_rest_from_model_config(clean_shar
     """train.init_vae: the VAE and its scale factor come from the checkpoint, the U-Net and text encoder are the
     config's fresh ones, and model: overrides (here the prediction target) apply, unlike with train.init."""
     out = tmp_path / "x0"
-    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=1, init_vae=tiny_checkpoint),
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=1, init_vae=tiny_checkpoint),
                     "--model.diffusion.prediction=sample", "--model.vae.scale_factor=0.5", "--data.num_workers=0"])
     got = load_models(complete_checkpoints(out)[1] / "model.safetensors")
     src = load_models(tiny_checkpoint)
@@ -377,7 +378,7 @@ def test_init_vae_keeps_the_vae_and_builds_the_rest_from_model_config(clean_shar
     for k, v in src.vae.state_dict().items():
         assert torch.equal(got.vae.state_dict()[k], v), k
     torch.manual_seed(0)  # the trainer's seed: the same fresh text encoder as a run from scratch
-    fresh = train_mod.build_fresh(got.config).text.state_dict()
+    fresh = train_loop.build_fresh(got.config).text.state_dict()
     assert all(torch.equal(got.text.state_dict()[k], v) for k, v in fresh.items())  # frozen, as built
     refused(capsys, "is not the one model.vae describes",
             ["--config", str(CONFIG), *common_args(clean_shards, tmp_path / "bad", steps=1, init_vae=tiny_checkpoint),
@@ -389,7 +390,7 @@ def test_init_vae_keeps_the_vae_and_builds_the_rest_from_model_config(clean_shar
 def refused(capsys, pattern, argv):
     """The trainer refuses argv with exit code 2 and one line on stderr matching pattern."""
     capsys.readouterr()
-    assert train_mod.main(argv) == 2
+    assert train_main.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]), err
 
@@ -407,15 +408,15 @@ def test_config_errors_name_the_problem(clean_shards, tmp_path, capsys):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = train_mod.TrainConfig(lr=1.0, warmup_steps=4, steps=14, lr_schedule="cosine", min_lr_ratio=0.1)
-    lrs = [train_mod.lr_at(s, cfg) for s in range(14)]
+    cfg = train_config.TrainConfig(lr=1.0, warmup_steps=4, steps=14, lr_schedule="cosine", min_lr_ratio=0.1)
+    lrs = [train_config.lr_at(s, cfg) for s in range(14)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     # cosine from lr at the end of warm-up to lr * min_lr_ratio at the last step (Loshchilov & Hutter 2017)
     for s in range(4, 14):
         expect = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 10))
         assert abs(lrs[s] - expect) < 1e-12
-    const = train_mod.TrainConfig(lr=2.0, warmup_steps=0, lr_schedule="constant")
-    assert {train_mod.lr_at(s, const) for s in (0, 5, 500)} == {2.0}
+    const = train_config.TrainConfig(lr=2.0, warmup_steps=0, lr_schedule="constant")
+    assert {train_config.lr_at(s, const) for s in (0, 5, 500)} == {2.0}
 
 
 @pytest.mark.parametrize("bias", [0.0, 2.0])
@@ -424,7 +425,7 @@ def test_timestep_bias_draws_t_with_the_stated_law(bias):
     bound of 6 standard errors); bias 2 puts 1 - 0.6^3 = 78.4% of the draws above t = 600."""
     T, n = 1000, 200_000
     gen = torch.Generator().manual_seed(0)
-    t = train_mod.sample_timesteps(n, T, bias, gen, "cpu")
+    t = train_losses.sample_timesteps(n, T, bias, gen, "cpu")
     assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= T - 1
     for k in range(100, T, 100):
         p = (k / T) ** (1 + bias)
@@ -438,11 +439,11 @@ def test_vae_decoder_only_keeps_the_encoder_and_the_latents(clean_shards, tmp_pa
     """train.vae_trainable=decoder from a VAE checkpoint: encoder and quant_conv stay bit-identical (so latents a
     U-Net learnt stay valid, and the scale factor is kept), the decoder trains and its loss falls."""
     first = tmp_path / "vae"
-    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, first, stage="vae", steps=2, lr="2e-3"),
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, first, stage="vae", steps=2, lr="2e-3"),
                     "--data.num_workers=0"])
     init = complete_checkpoints(first)[2] / "model.safetensors"
     out = tmp_path / "decoder"
-    train_mod.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=10, lr="2e-3",
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, stage="vae", steps=10, lr="2e-3",
                                                           init=init, vae_trainable="decoder"),
                     "--data.num_workers=0"])
     src, got = load_models(init), load_models(complete_checkpoints(out)[10] / "model.safetensors")
@@ -462,12 +463,12 @@ def test_on_the_fly_latents_equal_encode_shards_under_bf16_autocast(clean_shards
     """The U-Net stage trains on exactly the latents encode-shards writes, also under bf16 autocast (item 6)."""
     import numpy as np
 
-    from latentdiff.data import DataConfig, make_loader
-    from latentdiff.encode import encode_shards
-    from latentdiff.schedule import Schedule
+    from latentdiff.data.loader import DataConfig, make_loader
+    from latentdiff.data.encode import encode_shards
+    from latentdiff.diffusion.schedule import Schedule
     summary = encode_shards(clean_shards, tmp_path / "lat", tiny_checkpoint, 32, 8, "cpu", progress=False)
     models = load_models(tiny_checkpoint)
-    loss = train_mod.UNetLoss(models, Schedule.from_config(models.config.diffusion), False, "simple", 5.0)
+    loss = train_losses.UNetLoss(models, Schedule.from_config(models.config.diffusion), False, "simple", 5.0)
     seen, real = [], diffusion.training_batch
 
     def spy(x0, *args):
@@ -476,7 +477,7 @@ def test_on_the_fly_latents_equal_encode_shards_under_bf16_autocast(clean_shards
     monkeypatch.setattr(diffusion, "training_batch", spy)
     loader = make_loader(DataConfig(shards=clean_shards, resolution=32, batch_size=8, num_workers=0,
                                     shuffle_buffer=1, resample=False, caption_dropout=0.0),
-                         tokenize=train_mod.Tokenizer(models.config.text))
+                         tokenize=train_loop.Tokenizer(models.config.text))
     batch = next(iter(loader))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         loss(batch, torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from latentdiff.unet import UNetConfig, UNetModel, timestep_embedding
+from latentdiff.models.unet import UNetConfig, UNetModel, timestep_embedding
 
 # Small configs with the SD1 / SD2 structure: conv vs Linear proj_in, head count vs channels per head,
 # attention on some levels only (SD has none on the last level). norm_groups stays 32 as diffusers assumes.

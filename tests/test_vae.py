@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from latentdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 SMALL = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, norm_groups=32, resolution=32)
 TINY = VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, resolution=32)
@@ -75,7 +75,7 @@ def test_diagonal_gaussian_kl_closed_form():
 
 
 def test_downsample_pads_right_and_bottom_only():
-    from latentdiff.vae import Downsample
+    from latentdiff.models.vae import Downsample
     down = Downsample(1)
     with torch.no_grad():
         down.conv.weight.zero_()

@@ -13,7 +13,8 @@ import sys
 from PIL import Image, ImageDraw, ImageFont
 
 from latentdiff.evaluate import denoise_from, load_reference
-from latentdiff.pipeline import Pipeline, image_grid
+from latentdiff.pipeline import Pipeline
+from latentdiff.io.images import image_grid
 
 
 def main(argv: list[str]) -> int:

@@ -30,15 +30,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from latentdiff.checkpoint import Models
-from latentdiff.config import ModelConfig, from_dict, load_yaml
+from latentdiff.io.checkpoint import Models
+from latentdiff.io.config import ModelConfig, from_dict, load_yaml
 from latentdiff.evaluate import features, load_reference, nearest_hits, uint8_batch
-from latentdiff.pipeline import Pipeline, image_grid, to_pil
-from latentdiff.schedule import Schedule
-from latentdiff.text_encoder import TextEncoder
-from latentdiff.train import UNetLoss, VAELoss
-from latentdiff.unet import UNetModel
-from latentdiff.vae import AutoencoderKL
+from latentdiff.pipeline import Pipeline
+from latentdiff.io.images import image_grid, to_pil
+from latentdiff.diffusion.schedule import Schedule
+from latentdiff.models.text_encoder import TextEncoder
+from latentdiff.train.losses import UNetLoss, VAELoss
+from latentdiff.models.unet import UNetModel
+from latentdiff.models.vae import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "emoji"

@@ -9,8 +9,8 @@ import functools
 
 import torch
 
-from . import ops
-from .schedule import Schedule
+from latentdiff.diffusion import ops
+from latentdiff.diffusion.schedule import Schedule
 
 PREDICTIONS = ops.PREDICTIONS
 LOSS_WEIGHTS = ("simple", "min_snr", "vlb")

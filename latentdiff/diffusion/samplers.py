@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from tqdm.auto import trange
 
-from . import ops
-from .schedule import sampling_sigmas
+from latentdiff.diffusion import ops
+from latentdiff.diffusion.schedule import sampling_sigmas
 
 
 # ----------------------------------------------------------------------------------------------

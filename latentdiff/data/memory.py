@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .data import DataConfig, DataError, _seed, expand_shards, sample_contents
+from latentdiff.data.loader import DataConfig, DataError, _seed, expand_shards, sample_contents
 
 
 def _is_local(url: str) -> bool:

@@ -1,15 +1,10 @@
-"""Webdataset shards in: the training loader, and the command line of the shard tools.
-
-    python -m latentdiff.data make-shards SRC --out DIR         images + captions -> tar shards (shards.py)
-    python -m latentdiff.data encode-shards 'DIR/x-{000000..000009}.tar' --out LATDIR --checkpoint CKPT  (encode.py)
-    python -m latentdiff.data emoji --out DIR                   the Noto Color Emoji set (emoji.py)
+"""Webdataset shards in: the streaming training loader (small sets use memory.py instead).
 
 A shard is a plain tar of samples that share a key: `KEY.jpg` or `KEY.png` (the image), `KEY.txt` (the caption),
 `KEY.json` (width, height, source; emoji add name/captions), or `KEY.latent.npy` in latent shards.
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import glob
 import io
@@ -27,12 +22,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .generate import ArgumentParser
+from latentdiff.io.images import load_image, to_tensor
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the loader decodes, in order of preference
-ORIENTATION = 0x0112  # the EXIF tag saying how to rotate or mirror the stored pixels for display
 
 
 @dataclass(frozen=True)
@@ -48,7 +42,7 @@ class DataConfig:
     resample: bool = True  # draw shards with replacement per worker; False = each shard read once per pass
     latents: bool = False  # shards hold precomputed latents (from encode-shards) instead of images
     # Hold every decoded sample and tokenized caption on the training device and draw batches there
-    # (latentdiff.memory_loader): true, false, or auto = when the decoded samples take at most in_memory_max_mb
+    # (latentdiff.data.memory): true, false, or auto = when the decoded samples take at most in_memory_max_mb
     in_memory: bool | Literal["auto"] = "auto"
     in_memory_max_mb: float = 1024.0
 
@@ -90,43 +84,6 @@ def expand_shards(spec) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Decoding one sample
-
-
-def load_image(data: bytes, resolution: int) -> Image.Image:
-    """Decode, flatten transparency onto white, resize the short side to `resolution` and center-crop."""
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale in the DCT domain when that still covers `resolution`
-        img.draft("RGB", (resolution, resolution))
-    img.load()  # a truncated file fails here rather than later
-    img = to_rgb(img)
-    w, h = img.size
-    if (w, h) != (resolution, resolution):
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-    return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled, alpha on white."""
-    if img.getexif().get(ORIENTATION, 1) != 1:
-        img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # convert() would clip these to 255; 65535 maps to 255 (mode I from 16-bit files holds 0..65535 too).
-        v = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.rint(v / 257.0), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-    return img.convert("RGB")
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 RGB image -> float (3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float() / 127.5 - 1.0
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -421,21 +378,6 @@ def check_data(cfg: DataConfig, world_size: int = 1) -> list[str]:
     return urls
 
 
-def _print_summary(what: str, summary: dict, t0: float):
-    shards = summary["shards"]
-    where = os.path.dirname(shards[0]) if shards else "-"
-    print(f"{what}: wrote {summary['written']} samples in {len(shards)} shard(s) to {where} "
-          f"in {time.time() - t0:.1f} s")
-    skipped = summary["skipped"]
-    if skipped:
-        print(f"skipped {sum(skipped.values())}:")
-        for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
-            example = summary.get("examples", {}).get(reason)
-            print(f"  {n:6d}  {reason}" + (f"  (e.g. {example})" if example else ""))
-    else:
-        print("skipped 0")
-
-
 # ----------------------------------------------------------------------------------------------
 # Decoding one sample without the per-draw choices (for loaders that make those choices themselves)
 
@@ -456,75 +398,3 @@ def sample_contents(sample: dict, cfg: DataConfig) -> dict:
     if ext is None:
         raise KeyError("sample has no image")
     return {"captions": captions, "x": to_tensor(load_image(sample[ext], cfg.resolution)), "x_flip": None}
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv=None):
-    p = ArgumentParser(prog="python -m latentdiff.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Train on the result with data.shards: 'DIR/PREFIX-{000000..00000N}.tar'.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    m = sub.add_parser("make-shards", help="a folder of images (+ sidecar .txt captions, or a CSV/JSONL) -> shards")
-    m.add_argument("src", help="folder of images with NAME.txt captions beside them, or a .csv/.jsonl of path,caption")
-    m.add_argument("--out", required=True, help="output folder for PREFIX-000000.tar, ...")
-    m.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    m.add_argument("--captions", help="CSV (columns path,caption) or JSONL; paths relative to SRC")
-    m.add_argument("--prefix", default="data", help="shard file name prefix (default data)")
-    m.add_argument("--overwrite", action="store_true", help="replace shards of the same prefix in --out")
-
-    e = sub.add_parser("encode-shards", help="image shards -> VAE latent shards (posterior mode), for U-Net training")
-    e.add_argument("src", help="input shards: brace pattern, folder or glob")
-    e.add_argument("--out", required=True, help="output folder; shards keep their file names")
-    e.add_argument("--checkpoint", required=True, help="checkpoint with the VAE (any file latentdiff loads)")
-    e.add_argument("--resolution", type=int, help="pixels before encoding (default: the checkpoint's image_size)")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    e.add_argument("--hflip", action="store_true", help="also store latents of the mirrored image (data.hflip)")
-    e.add_argument("--overwrite", action="store_true")
-
-    j = sub.add_parser("emoji", help="render Noto Color Emoji to shards + index.jsonl (the bundled model's data)")
-    j.add_argument("--out", required=True)
-    j.add_argument("--resolution", type=int, default=64)
-    j.add_argument("--per-shard", type=int, default=100, help="samples per shard (default 100: 14 shards)")
-    j.add_argument("--font", help="path to NotoColorEmoji.ttf (default: the fonts-noto-color-emoji location)")
-    j.add_argument("--sequences", action="store_true", help="also skin-tone and ZWJ sequences (needs `emoji`)")
-    j.add_argument("--overwrite", action="store_true")
-
-    args = p.parse_args(argv)
-    from .emoji import EMOJI_CREDIT, make_emoji_shards
-    from .encode import encode_shards
-    from .shards import make_shards
-
-    t0 = time.time()
-    try:
-        if getattr(args, "per_shard", 1) < 1:
-            raise DataError(f"--per-shard must be >= 1, got {args.per_shard}")
-        if args.cmd == "make-shards":
-            _print_summary("make-shards", make_shards(args.src, args.out, args.per_shard, args.captions, args.prefix,
-                                                      args.overwrite), t0)
-        elif args.cmd == "encode-shards":
-            if args.batch_size < 1:
-                raise DataError("--batch-size must be >= 1")
-            if args.resolution is not None and not 8 <= args.resolution <= MAX_RESOLUTION:
-                raise DataError(f"--resolution must be in 8..{MAX_RESOLUTION}")
-            _print_summary("encode-shards", encode_shards(args.src, args.out, args.checkpoint, args.resolution,
-                                                          args.batch_size, args.device, args.hflip, args.overwrite),
-                           t0)
-        else:
-            if not 8 <= args.resolution <= 1024:  # the font's bitmaps are 136 pixels: more only blurs
-                raise DataError("--resolution must be in 8..1024")
-            s = make_emoji_shards(args.out, args.resolution, args.per_shard, args.font, args.sequences, args.overwrite)
-            _print_summary("emoji", s, t0)
-            print(f"index: {Path(args.out) / 'index.jsonl'}; font: {s['font']} ({EMOJI_CREDIT}); aliases from the "
-                  f"`emoji` package: {'yes' if s['aliases'] else 'no (pip install emoji)'}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

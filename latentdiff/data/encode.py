@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTS, DataError, expand_shards, load_image, to_tensor
-from .shards import write_tar
+from latentdiff.data.loader import IMAGE_EXTS, DataError, expand_shards
+from latentdiff.io.images import load_image, to_tensor
+from latentdiff.data.shards import write_tar
 
 
 def encode_shards(src, out, checkpoint, resolution: int | None = None, batch_size: int = 32, device: str = "cpu",
@@ -25,7 +26,7 @@ def encode_shards(src, out, checkpoint, resolution: int | None = None, batch_siz
     import webdataset as wds
     from tqdm import tqdm
 
-    from .checkpoint import CheckpointError, load_models
+    from latentdiff.io.checkpoint import CheckpointError, load_models
 
     urls = expand_shards(src)
     out = Path(out)

@@ -95,7 +95,7 @@ def _load_extension() -> bool:
     if not _EXT["tried"]:
         _EXT["tried"] = True
         try:
-            from . import _C  # noqa: F401  (registers torch.ops.latentdiff.*)
+            from latentdiff import _C  # noqa: F401  (registers torch.ops.latentdiff.*)
             _EXT["ok"] = hasattr(torch.ops.latentdiff, "q_sample")
         except ImportError as e:
             _EXT["error"] = str(e)

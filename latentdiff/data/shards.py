@@ -12,8 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import ORIENTATION, DataError, to_rgb
-from .files import atomic_write
+from latentdiff.data.loader import DataError
+from latentdiff.io.images import ORIENTATION, to_rgb
+from latentdiff.io.files import atomic_write
 
 SOURCE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what make-shards accepts
 PLAIN_MODES = ("1", "L", "P", "RGB", "LA", "RGBA")  # 8-bit modes every reader decodes as they display

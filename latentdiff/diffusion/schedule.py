@@ -83,7 +83,7 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg) -> "Schedule":
-        """Build from a latentdiff.config.DiffusionConfig."""
+        """Build from a latentdiff.io.config.DiffusionConfig."""
         b = betas(cfg.beta_schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
         if cfg.zero_terminal_snr:
             b = rescale_zero_terminal_snr(b)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import DataError
-from .files import atomic_write
-from .shards import ShardWriter
+from latentdiff.data.loader import DataError
+from latentdiff.io.files import atomic_write
+from latentdiff.data.shards import ShardWriter
 
 
 EMOJI_FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf", "/usr/share/fonts/noto/NotoColorEmoji.ttf",

@@ -173,9 +173,9 @@ def load_yaml(path: str | Path, overrides: dict | None = None) -> dict:
 
 
 # Bundled presets: installed with the package (see setup.py), read from the source tree in development.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 if not CONFIG_DIR.exists():
-    CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+    CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,9 +183,9 @@ if not CONFIG_DIR.exists():
 
 from dataclasses import dataclass, field  # noqa: E402
 
-from .text_encoder import TextConfig  # noqa: E402
-from .unet import UNetConfig  # noqa: E402
-from .vae import VAEConfig  # noqa: E402
+from latentdiff.models.text_encoder import TextConfig  # noqa: E402
+from latentdiff.models.unet import UNetConfig  # noqa: E402
+from latentdiff.models.vae import VAEConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

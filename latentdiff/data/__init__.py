@@ -1,0 +1,1 @@
+"""Training data: shards in (the loaders) and out (make-shards, encode-shards, the emoji set)."""

@@ -1,0 +1,381 @@
+"""The checkpoints a server may load, its jobs, and the one worker thread that owns the device: it runs a queue of
+jobs in arrival order and merges compatible waiting txt2img requests into one U-Net batch."""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import gc
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from latentdiff.cli import UsageError, output_paths, slug
+from latentdiff.io.files import file_sha256
+from latentdiff.serve.a1111 import ApiError, answer_info, infotext, png_base64, resolve_sampler, sampler_string
+
+log = logging.getLogger("latentdiff.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits checked before any work, and the queue's behaviour (a `serve:` section in a YAML file)."""
+    max_width: int = 2048
+    max_height: int = 2048
+    max_pixels: int = 1024 * 1024  # width * height
+    max_steps: int = 150
+    max_images: int = 16  # batch_size * n_iter of one request
+    max_queue: int = 32  # requests waiting behind the running one; more get 503 at once
+    merge_images: int = 8  # waiting txt2img requests are merged into one U-Net batch of up to this many images
+    max_body_mb: float = 50.0  # request bodies carry base64 images
+    max_prompt_chars: int = 10000  # per prompt; long prompts are encoded in 75-token chunks
+    live_preview: bool = True  # /progress may return the predicted x0 of the first image
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model file the server may load; clients see its title and name, never its folder."""
+    path: Path
+    sha256: str
+
+    @property
+    def model_name(self) -> str:
+        return self.path.stem
+
+    @property
+    def hash(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def title(self) -> str:
+        return f"{self.model_name} [{self.hash}]"
+
+    def names(self) -> set[str]:
+        """Every name a client may select it by (A1111's aliases)."""
+        return {self.title, self.model_name, self.path.name, self.hash, self.sha256}
+
+    def item(self) -> dict:
+        return {"title": self.title, "model_name": self.model_name, "hash": self.hash, "sha256": self.sha256,
+                "filename": self.path.name, "config": None}
+
+
+def find_checkpoints(paths: list[str]) -> list[Checkpoint]:
+    """Files given on the command line (folders: their .safetensors / .ckpt files), or the bundled model."""
+    from latentdiff.io.checkpoint import BUNDLED  # there, not here: io.checkpoint loads torch
+    files: list[Path] = []
+    for p in paths or []:
+        path = Path(p)
+        if path.is_dir():
+            files += sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".ckpt"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"checkpoint {p} not found; pass an existing .safetensors or .ckpt file or a folder of them")
+    if not paths:
+        if not BUNDLED.exists():
+            raise UsageError("no model to serve: this version has no bundled model; pass --checkpoint FILE "
+                             "(an SD 1.x / 2.x or latentdiff checkpoint)")
+        files = [BUNDLED]
+    if not files:
+        raise UsageError(f"no .safetensors or .ckpt files in {', '.join(paths)}; pass --checkpoint FILE")
+    return [Checkpoint(f.resolve(), file_sha256(f)) for f in files]
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass
+class Job:
+    """One request, resolved: everything the worker needs, per image where it may differ."""
+    checkpoint: Checkpoint
+    prompts: list[str]  # one per image
+    negatives: list[str]
+    seeds: list[int]
+    steps: int
+    sampler: str  # A1111 title
+    kind: str  # sigma schedule
+    cfg_scale: float
+    width: int
+    height: int
+    batch_size: int
+    clip_skip: int | None = None
+    init_image: Image.Image | None = None
+    strength: float | None = None
+    save: bool = False
+    send: bool = True
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+    def key(self):
+        """Jobs with equal keys can share one U-Net batch; img2img and multi-iteration jobs run alone."""
+        if self.init_image is not None or len(self.seeds) > self.batch_size:
+            return None
+        return (self.checkpoint.sha256, self.steps, self.sampler, self.kind, self.cfg_scale, self.width,
+                self.height, self.clip_skip)
+
+
+@dataclass
+class Task:
+    """A function to run on the worker in turn with the jobs (a model switch)."""
+    fn: Callable
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+
+class _Interrupted(Exception):
+    def __init__(self, denoised):
+        self.denoised = denoised
+
+
+@dataclass
+class Progress:
+    job: str = ""
+    job_count: int = 0
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    interrupted: bool = False
+    time_start: float = 0.0
+    job_timestamp: str = "0"
+    preview: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker
+
+
+class Worker:
+    """The queue and the one thread that uses the device: jobs run in arrival order, merged when compatible."""
+
+    def __init__(self, checkpoints: list[Checkpoint], config: ServeConfig, device="auto", dtype=None,
+                 outdir: str | None = None):
+        self.checkpoints, self.config, self.device, self.dtype = checkpoints, config, device, dtype
+        self.outdir = os.path.join(str(outdir), "") if outdir else None  # always a folder, even one named x.png
+        self.selected = checkpoints[0]
+        self.clip_skip = 1  # A1111's CLIP_stop_at_last_layers: 1 is the model's own layer
+        self.live_preview = config.live_preview
+        self.pipe = None
+        self.loaded: Checkpoint | None = None
+        self.model_defaults: dict[str, dict] = {}  # per checkpoint sha256, read when it is first loaded
+        self.waiting: collections.deque = collections.deque()
+        self.running: list = []
+        self.cond = threading.Condition()
+        self.progress = Progress()
+        self.stop = threading.Event()
+        self.want_preview = threading.Event()
+        self.closed = False
+        self.batches = collections.deque(maxlen=1000)  # images per U-Net batch, latest last (tests, benchmarks)
+        self.thread = threading.Thread(target=self._loop, name="latentdiff-worker", daemon=True)
+
+    def start(self):
+        self.load(self.selected)  # at start-up, so a bad model fails before the server listens
+        self.thread.start()
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.stop.set()  # a running job ends at its next step
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+    def find(self, name: str) -> Checkpoint:
+        for c in self.checkpoints:
+            if name in c.names():
+                return c
+        raise ApiError(404, f"Model not found: {name!r}; GET /sdapi/v1/sd-models lists the titles")
+
+    def load(self, ckpt: Checkpoint):
+        """Make ckpt the model in memory (one at a time: the old one is freed first)."""
+        if self.loaded == ckpt:
+            return
+        from latentdiff.io.checkpoint import CheckpointError
+        from latentdiff.pipeline import Pipeline
+        import torch
+        self.pipe, self.loaded = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            self.pipe = Pipeline.from_checkpoint(ckpt.path, device=self.device, dtype=self.dtype)
+        except CheckpointError as e:
+            log.error("cannot load %s: %s", ckpt.path, e)
+            raise ApiError(500, f"Model {ckpt.title} cannot be loaded; see the server log") from None
+        self.loaded = ckpt
+        c = self.pipe.config
+        title, kind = resolve_sampler(c.sampling.sampler, None, c.sampling.sampler)
+        self.model_defaults[ckpt.sha256] = {
+            "steps": c.sampling.steps, "cfg_scale": c.sampling.guidance, "width": c.image_size,
+            "height": c.image_size, "sampler_name": title, "scheduler": "automatic" if kind == "default" else kind,
+            "sampler": c.sampling.sampler, "size_multiple": self.pipe.size_multiple}
+
+    def defaults(self, ckpt: Checkpoint | None = None) -> dict:
+        """What a request that leaves a field out gets: the model's own settings (those of the first model
+        loaded, for one not loaded yet; the worker checks the size again once it is)."""
+        ckpt = ckpt or self.selected
+        return self.model_defaults.get(ckpt.sha256) or next(iter(self.model_defaults.values()))
+
+    def submit(self, job) -> concurrent.futures.Future:
+        """Queue a job; a full queue is refused at once (503) rather than left to pile up."""
+        with self.cond:
+            if self.closed:
+                raise ApiError(503, "Server is shutting down")
+            if len(self.waiting) >= self.config.max_queue:
+                raise ApiError(503, f"Queue is full ({self.config.max_queue} requests waiting); try again later")
+            self.waiting.append(job)
+            self.cond.notify()
+        return job.future
+
+    def interrupt(self):
+        with self.cond:
+            if self.running:
+                self.stop.set()
+                self.progress.interrupted = True
+
+    def queued(self) -> int:
+        with self.cond:
+            return len(self.waiting)
+
+    # The worker thread -------------------------------------------------------------------------
+
+    def _loop(self):
+        while True:
+            group = self._take()
+            if group is None:
+                return
+            self._run_group(group)
+
+    def _take(self) -> list | None:
+        """Wait for work; return the next job with the waiting ones that can share its batch (or a Task alone),
+        now running. None once closed: whatever still waits is answered 503."""
+        with self.cond:
+            while not self.waiting and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                for job in self.waiting:
+                    job.future.set_exception(ApiError(503, "Server is shutting down"))
+                return None
+            group = [self.waiting.popleft()]
+            key = group[0].key() if isinstance(group[0], Job) else None
+            if key is not None:
+                n = len(group[0].seeds)
+                for job in list(self.waiting):
+                    if isinstance(job, Job) and job.key() == key and n + len(job.seeds) <= self.config.merge_images:
+                        group.append(job)
+                        self.waiting.remove(job)
+                        n += len(job.seeds)
+            self.running = group
+            self.stop.clear()
+            return group
+
+    def _run_group(self, group: list):
+        """Run a group from _take and answer each of its futures (with its result, or the group's error)."""
+        results, error = None, None
+        try:
+            results = [group[0].fn()] if isinstance(group[0], Task) else self._run(group)
+        except Exception as e:  # noqa: BLE001 - every error goes back to the requests that caused it
+            error = e
+            if not isinstance(e, ApiError):
+                log.exception("job failed")
+        with self.cond:  # idle again before anyone hears back, so a client's next /progress already says so
+            self.running = []
+            self.progress = Progress()
+        for i, job in enumerate(group):
+            if error is None:
+                job.future.set_result(results[i])
+            else:
+                job.future.set_exception(error)
+
+    def _run(self, group: list[Job]) -> list[dict]:
+        """Run merged jobs (or one job's n_iter iterations) through the pipeline; returns one answer per job."""
+        import torch
+        from latentdiff.io.images import to_pil
+        head = group[0]
+        self.load(head.checkpoint)
+        pipe = self.pipe
+        try:  # again for this model: the request was checked against the one loaded then
+            pipe.check(steps=head.steps, height=head.height, width=head.width, guidance=head.cfg_scale,
+                       strength=head.strength)
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
+        chunks = self._chunks(group)
+        prompts = [p for j in group for p in j.prompts]
+        negatives = [n for j in group for n in j.negatives]
+        seeds = [s for j in group for s in j.seeds]
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        with self.cond:
+            self.progress = Progress(job="txt2img" if head.init_image is None else "img2img",
+                                     job_count=len(chunks), time_start=time.time(), job_timestamp=stamp,
+                                     sampling_steps=head.steps)
+        images, interrupted = [], False
+        for no, (a, b) in enumerate(chunks):
+            with self.cond:
+                self.progress.job_no, self.progress.sampling_step = no, 0
+            if self.stop.is_set():
+                interrupted = True
+                break
+            self.batches.append(b - a)
+            gens = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[a:b]]
+            img2img = {"init_image": head.init_image, "strength": head.strength} if head.init_image is not None else {}
+            try:
+                result = pipe(prompts[a:b], negatives[a:b], num_images=1, seed=seeds[a], generators=gens,
+                              steps=head.steps, sampler=sampler_string(head.sampler, head.kind),
+                              guidance=head.cfg_scale, height=head.height, width=head.width,
+                              clip_skip=head.clip_skip, callback=self._step_callback(pipe), progress=False,
+                              **img2img)
+                images += result.images
+            except _Interrupted as e:  # as A1111: the images as far as they got (here: their predicted x0)
+                with torch.no_grad():
+                    images += to_pil(pipe.decode(e.denoised))
+                interrupted = True
+                break
+        answers, k = [], 0
+        for job in group:
+            n = min(len(job.seeds), max(0, len(images) - k))
+            answers.append(self._answer(job, images[k:k + n], interrupted, stamp))
+            k += len(job.seeds)
+        return answers
+
+    @staticmethod
+    def _chunks(group: list[Job]) -> list[tuple[int, int]]:
+        """The U-Net batches, as (start, end) into the group's images: all of them at once for merged jobs;
+        A1111's n_iter for a job alone (batches of batch_size, one after another)."""
+        head = group[0]
+        if len(group) == 1:
+            return [(i, i + head.batch_size) for i in range(0, len(head.seeds), head.batch_size)]
+        return [(0, sum(len(j.seeds) for j in group))]
+
+    def _step_callback(self, pipe) -> Callable:
+        """The pipeline's per-step callback: progress, a live preview when one was asked for, and interrupts."""
+        from latentdiff.io.images import to_pil
+
+        def on_step(info):
+            with self.cond:
+                self.progress.sampling_step = info["i"] + 1
+            if self.live_preview and self.want_preview.is_set():
+                self.want_preview.clear()
+                preview = png_base64(to_pil(pipe.decode(info["denoised"][:1]))[0])
+                with self.cond:
+                    self.progress.preview = preview
+            if self.stop.is_set():
+                raise _Interrupted(info["denoised"])
+        return on_step
+
+    def _answer(self, job: Job, images: list, interrupted: bool, stamp: str) -> dict:
+        """Images as base64 PNGs with their infotext, and A1111's `info` fields."""
+        infotexts = [infotext(job, i) for i, _ in enumerate(images)]
+        if job.save and self.outdir:
+            from latentdiff.io.images import save_image
+            names = [f"{slug(job.prompts[i])}-{job.seeds[i]}" for i in range(len(images))]
+            for path, im, text in zip(output_paths(self.outdir, names), images, infotexts):
+                save_image(im, path, text)
+        encoded = [png_base64(im, t) for im, t in zip(images, infotexts)] if job.send else []
+        return {"images": encoded, "info": answer_info(job, infotexts, interrupted, stamp)}

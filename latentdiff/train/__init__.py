@@ -1,0 +1,1 @@
+"""The torchrun trainer: `python -m latentdiff.train` (loop.py reads top to bottom)."""
