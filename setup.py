@@ -88,11 +88,16 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
     install_requires=["torch>=2.4", "open_clip_torch>=2.26.1", "ninja", "pybind11", "webdataset>=0.2.80", "einops",
                       "safetensors>=0.4", "pillow", "tqdm", "pyyaml",
-                      "fastapi>=0.100", "uvicorn>=0.23"],  # python -m latentdiff.serve
+                      "fastapi>=0.165", "uvicorn>=0.23"],  # python -m latentdiff.serve (the fastapi tested)
     extras_require={"data": ["emoji>=2.10"],  # emoji aliases for `python -m latentdiff.data emoji`
                     "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "emoji>=2.10",
                              "requests", "webuiapi>=0.9", "selenium>=4.10",  # serve: A1111's client, the page
-                             "import-linter>=2.1"]},  # the layers contract in pyproject.toml
+                             "import-linter>=2.1",  # the layers contract in pyproject.toml
+                             "peft>=0.10", "lycoris-lora>=3.0",  # LoRA parity: diffusers' loader, LyCORIS' maths
+                             # samplers against k-diffusion's sampling.py: its own needs (k-diffusion itself is
+                             # installed with --no-deps, see the README's test command: its dctorch pins numpy<2),
+                             # and lark for A1111's prompt grammar
+                             "torchsde>=0.2.5", "torchdiffeq>=0.2", "scipy>=1.8", "lark>=1.1"]},
     entry_points={"console_scripts": ["latentdiff-generate=latentdiff.generate:main",
                                       "latentdiff-serve=latentdiff.serve.__main__:main"]},
 )

@@ -222,3 +222,52 @@ def test_bench_sampler_step_latency_gpu(bench):
     print("\nsampler step, batch 1, 1x4x64x64 fp16 with CFG: " + "  ".join(f"{k} {v:.2f}" for k, v in rows.items()))
     bench.write_json("sampler-step-latency-cuda", {"machine": bench.machine("cuda"), "rows": rows})
     assert per_graph_step < per_call
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_samplers_fused_vs_pytorch(device, cpu_threads, bench):
+    """Every sampler's loop, 10 Karras steps on a 4x4x64x64 batch with CFG, on the fused sampler step against the
+    PyTorch path (ops.use_backend("torch")), with a denoiser that costs one multiply-add (a Gaussian's exact one),
+    so the time is the samplers' own: their fused updates, and the torch sums of older estimates multistep ones
+    feed into them. DPM adaptive is left out: it decides its steps on the host from an error norm."""
+    from latentdiff.diffusion.samplers import SAMPLER_NAMES, Denoiser, NoiseSampler, get_sampler
+    from latentdiff.diffusion.schedule import Schedule, sampling_sigmas
+    from latentdiff.io.config import DiffusionConfig
+
+    dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.float16]
+    sig = sampling_sigmas(Schedule.from_config(DiffusionConfig()), 10, "karras")
+    rows = []
+    for dtype in dtypes:
+        x = torch.randn(4, 4, 64, 64, device=device).to(dtype) * float(sig[0])
+
+        def halves(x, s):  # eps of two Gaussian data models, [uncond; cond]: 0.5 / (0.25 + s^2) x ... per half
+            return torch.cat([x * (s / (0.25 + s * s)), x * (s / (0.36 + s * s))])
+
+        model = Denoiser(halves, coefs=lambda s: (1.0, -s), guidance=5.0)
+        for name in SAMPLER_NAMES:
+            if name == "dpm_adaptive":
+                continue
+            fn = get_sampler(name).fn
+
+            def run(backend):
+                noise = NoiseSampler.from_seed(0, x.shape[0], device)
+                with ops.use_backend(backend):
+                    return fn(model, x, sig, noise=noise, disable=True)
+
+            if dtype == torch.float32:
+                torch.testing.assert_close(run("fused"), run("torch"), rtol=1e-4, atol=1e-4)
+            times = {b: median_seconds_of(bench, lambda b=b: run(b), device) for b in ("fused", "torch")}
+            rows.append({"sampler": name, "dtype": str(dtype).removeprefix("torch."), "device": device,
+                         "fused_ms": times["fused"] * 1e3, "torch_ms": times["torch"] * 1e3,
+                         "x_torch": times["torch"] / times["fused"]})
+    _print_table(f"samplers on {device}: 10 steps, 4x4x64x64 with CFG, fused sampler step vs the PyTorch path", rows,
+                 [("sampler", lambda r: r["sampler"]), ("dtype", lambda r: r["dtype"]),
+                  ("fused ms", lambda r: f"{r['fused_ms']:.2f}"), ("torch ms", lambda r: f"{r['torch_ms']:.2f}"),
+                  ("x torch", lambda r: f"{r['x_torch']:.2f}")])
+    path = bench.write_json(f"samplers-{device}", {"machine": bench.machine(device), "rows": rows})
+    print(f"written to {path}")
+    assert sum(r["fused_ms"] for r in rows) < sum(r["torch_ms"] for r in rows)  # the floor, summed over samplers
+
+
+def median_seconds_of(bench, fn, device):
+    return bench.median_seconds(fn, device, min_run_time=0.2)

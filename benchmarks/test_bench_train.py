@@ -125,7 +125,7 @@ def test_bench_train_sd21_base_unet_gpu(tmp_path):
     for compile_ in (False, True):
         rate = run_trainer(config, [f"--data.batch_size={batch}", "--data.num_workers=4", "--data.shuffle_buffer=64",
                                     "--train.steps=40", "--train.mixed_precision=bf16", "--train.warmup_steps=0",
-                                    f"--train.compile={str(compile_).lower()}"],
+                                    "--train.allow_untrained_vae=true", f"--train.compile={str(compile_).lower()}"],
                            tmp_path / f"run-{compile_}", warmup=15)
         rows.append((f"SD 2.1-base U-Net, latents, bf16{' + compile' if compile_ else ''}", batch, rate))
     print_table(f"training throughput per GPU ({torch.cuda.get_device_name()})", rows)
@@ -158,14 +158,16 @@ def emoji_like_latents(out: Path, n: int = EMOJI_SAMPLES, per_shard: int = 100) 
 
 def emoji_args(shards: str, batch: int, steps: int, in_memory: bool, compile_: bool = False) -> list[str]:
     return [f"--data.shards={shards}", f"--data.batch_size={batch}", f"--data.in_memory={str(in_memory).lower()}",
-            f"--train.steps={steps}", "--train.init_vae=null", "--train.sample_every=0", "--train.warmup_steps=0",
+            f"--train.steps={steps}", "--train.init_vae=null", "--train.allow_untrained_vae=true",
+            "--train.sample_every=0", "--train.warmup_steps=0",
             f"--train.compile={str(compile_).lower()}"]
 
 
 def compute_only_seconds(bench, shards: str, batch: int, device: str) -> float:
     """Median seconds of the trainer's step without data, logging or loop: forward, backward, gradient clipping,
     fused AdamW (with its on-device skip flag) and the EMA update, on one fixed batch already on the device."""
-    model_cfg, _, cfg = train_config.load_config(EMOJI, {"data": {"shards": shards}, "train": {"init_vae": None}})
+    model_cfg, _, cfg = train_config.load_config(EMOJI, {"data": {"shards": shards},
+                                                         "train": {"init_vae": None, "allow_untrained_vae": True}})
     models = train_loop.build_models(model_cfg, cfg, device)
     loss_module = train_losses.UNetLoss(models, Schedule.from_config(model_cfg.diffusion),
                                      cfg.train_text_encoder, cfg.loss_weighting, cfg.min_snr_gamma, cfg.timestep_bias)

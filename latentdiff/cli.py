@@ -36,6 +36,9 @@ def check_sampler_and_guidance(sampler: str | None, guidance: float | None):
             raise UsageError(str(e)) from None
     if guidance is not None and not math.isfinite(guidance):
         raise UsageError(f"--guidance must be a finite number (got {guidance})")
+    if guidance is not None and guidance < 0:
+        raise UsageError(f"--guidance must be at least 0 (got {guidance}); 1 is the prompt alone, no guidance, "
+                         f"and 0 the unconditional model")
 
 
 def output_paths(output: str | None, names: list[str]) -> list[Path]:

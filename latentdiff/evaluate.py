@@ -43,17 +43,38 @@ from latentdiff.cli import ArgumentParser, UsageError, check_sampler_and_guidanc
 PSNR_THRESHOLD_DB = 15.0
 
 
+def reference_shards(data: str) -> list[str] | None:
+    """--data: None for an emoji-style folder (index.jsonl), else the shards to read captions and images from (a
+    folder of make-shards output, or the --data.shards value make-shards printed)."""
+    if (Path(data) / "index.jsonl").is_file():
+        return None
+    from latentdiff.data.loader import DataError, expand_shards
+    hint = (f"--data {data}: give a folder with index.jsonl (python -m latentdiff.data emoji --out DIR) or the "
+            f"shards python -m latentdiff.data make-shards wrote (the folder, or the --data.shards= value it printed)")
+    if not Path(data).exists() and not any(c in data for c in "{*?:"):
+        raise UsageError(f"{hint}; {data} does not exist")
+    try:
+        found = [p for p in expand_shards(data) if "://" not in p]
+    except DataError as e:
+        raise UsageError(f"{hint}; {e}") from None
+    if not found:
+        raise UsageError(f"{hint}; {data} holds no .tar shards")
+    return found
+
+
 def load_reference(data_dir: str | Path, resolution: int | None = None, limit: int | None = None,
                    shards: list[str] | None = None):
     """(names, prompts, images) from an emoji-style folder: index.jsonl + the shards it names (or those of them
-    whose file names are in `shards`: a model trained on part of the set is graded on that part).
+    whose file names are in `shards`: a model trained on part of the set is graded on that part); or from
+    make-shards output, each sample's caption naming its image.
 
     images: uint8 (N, 3, R, R); prompts: the first caption template of each (e.g. "a cat").
     """
+    found = reference_shards(str(data_dir))
+    if found is not None:
+        return load_captioned_shards(found, resolution, limit, shards)
     data_dir = Path(data_dir)
     index = data_dir / "index.jsonl"
-    if not index.exists():
-        raise UsageError(f"{index} not found; make it with python -m latentdiff.data emoji --out {data_dir}")
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     if shards is not None:
         keep = {Path(p).name for p in shards}
@@ -84,6 +105,44 @@ def load_reference(data_dir: str | Path, resolution: int | None = None, limit: i
         prompts.append(captions[0])
         images.append(image)
     return names, prompts, uint8_batch(images)
+
+
+def load_captioned_shards(paths: list[str], resolution: int | None, limit: int | None,
+                          shards: list[str] | None):
+    """(names, prompts, images) from image shards with captions (make-shards output): every sample with an image
+    and a caption, the image resized and center-cropped to `resolution` as the trainer sees it."""
+    from latentdiff.io.images import load_image
+    if shards is not None:
+        keep = {Path(p).name for p in shards}
+        paths = [p for p in paths if Path(p).name in keep]
+    rows = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            files: dict[str, dict[str, bytes]] = {}
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                if m.isfile():
+                    files.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
+        for key, f in files.items():
+            data = next((f[e] for e in ("png", "jpg", "jpeg", "webp") if e in f), None)
+            caption = f["txt"].decode("utf-8", "replace").strip() if "txt" in f else \
+                (json.loads(f["json"]).get("captions") or [""])[0] if "json" in f else ""
+            if data is not None and caption:
+                rows.append((caption, data))
+    if limit:
+        rows = rows[::max(1, len(rows) // limit)][:limit]
+    captions, images = [], []
+    for caption, data in rows:
+        try:  # the size the trainer crops to: the model's, else the image's own short side
+            image = load_image(data, resolution or min(Image.open(io.BytesIO(data)).size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # an undecodable sample, as the loader skips it
+        captions.append(caption)
+        images.append(image)
+    if not images:
+        raise UsageError("no captioned images in the shards given (make them with python -m latentdiff.data "
+                         "make-shards)" if shards is None else "no reference comes from the shards given")
+    return captions, captions, uint8_batch(images)
 
 
 def uint8_batch(images: list[Image.Image]) -> torch.Tensor:
@@ -232,7 +291,9 @@ def side_by_side(generated: torch.Tensor, reference: torch.Tensor, nearest: torc
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m latentdiff.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="model to evaluate (default: the bundled emoji model)")
-    p.add_argument("--data", required=True, help="reference folder with index.jsonl (python -m latentdiff.data emoji)")
+    p.add_argument("--data", required=True,
+                   help="references: a folder with index.jsonl (python -m latentdiff.data emoji), or captioned image "
+                        "shards from make-shards (their folder, or the --data.shards= value it printed)")
     p.add_argument("--shards", help="only the references from these shards of --data (brace pattern, e.g. "
                                     "'emoji-{000000..000002}.tar'): for a model trained on them")
     p.add_argument("--limit", type=int, help="evaluate on this many references, spread over the set")
@@ -277,9 +338,7 @@ def run(args) -> int:
     for name, path in (("--out", args.out), ("--sheet", args.sheet)):
         if path and not (Path(path).parent.is_dir() and os.access(Path(path).parent, os.W_OK)):
             raise UsageError(f"{name} {path}: its folder does not exist or is not writable")
-    if not (Path(args.data) / "index.jsonl").is_file():
-        raise UsageError(f"{Path(args.data) / 'index.jsonl'} not found; make it with python -m latentdiff.data "
-                         f"emoji --out {args.data}")
+    reference_shards(args.data)
     checkpoint = args.checkpoint or str(BUNDLED)
     if not Path(checkpoint).is_file():
         raise UsageError(f"checkpoint {checkpoint} not found" if args.checkpoint else

@@ -16,8 +16,7 @@ from PIL import Image
 from latentdiff import __version__
 from latentdiff.cli import ArgumentParser, UsageError, check_sampler_and_guidance, output_paths, slug
 from latentdiff.io.checkpoint import BUNDLED
-from latentdiff.io.files import file_hash
-from latentdiff.io.images import format_parameters, image_grid, parse_parameters, read_parameters, save_image
+from latentdiff.io.images import image_grid, image_hash, parse_parameters, read_parameters, save_image
 
 
 def params_from_png(path: str) -> dict:
@@ -33,7 +32,9 @@ def params_from_png(path: str) -> dict:
     conv = {"Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("guidance", float),
             "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
             "Guidance rescale": ("guidance_rescale", float), "Prediction": ("prediction", str),
-            "Model hash": ("model_hash", str), "Model": ("model", str)}
+            "Model hash": ("model_hash", str), "Model": ("model", str), "Dtype": ("dtype", str),
+            "Init image hash": ("init_image_hash", str), "Lora hashes": ("lora_hashes", str),
+            "Prompt syntax": ("no_prompt_syntax", lambda v: v.strip().lower() == "off")}
     for key, (name, typ) in conv.items():
         if key in raw:
             try:
@@ -45,7 +46,187 @@ def params_from_png(path: str) -> dict:
         if size is None:
             raise UsageError(f"{path}: bad 'Size' value {raw['Size']!r} in its parameters (expected WIDTHxHEIGHT)")
         out["width"], out["height"] = int(size[1]), int(size[2])
+    return mask_and_hires_from_png(raw, out, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inpainting, outpainting and the hires fix
+
+# A1111's infotext keys -> (generate's option, type); "Denoising strength" is the hires pass's when a Hires key is there
+PNG_KEYS = {"Masked content": ("inpainting_fill", str), "Masked area padding": ("inpaint_full_res_padding", int),
+            "Noise multiplier": ("noise_multiplier", float), "Mask hash": ("mask_hash", str),
+            "Outpaint": ("outpaint", str), "Hires upscale": ("hires", float), "Hires resize": ("hires_resize", str),
+            "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str),
+            "Hires sampler": ("hires_sampler", str), "Hires prompt": ("hires_prompt", str),
+            "Hires negative prompt": ("hires_negative", str)}
+
+
+def add_mask_and_hires_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--mask", help="inpainting: repaint where this picture is white (an RGBA picture: where it is "
+                                  "opaque); with --init-image. A mask of another size is resized to the picture's")
+    p.add_argument("--mask-blur", default="4", metavar="N|X,Y", help="blur the mask's edge by a Gaussian of N "
+                                                                     "pixels (X across, Y down); default 4")
+    p.add_argument("--inpainting-fill", default="original", type=str.lower,
+                   choices=["fill", "original", "latent noise", "latent nothing"],
+                   help="what the masked area starts from: the picture (original, the default), colours from around "
+                        "it (fill), noise (latent noise) or zeros (latent nothing)")
+    p.add_argument("--inpaint-full-res", action="store_true",
+                   help="repaint only a crop around the mask, at --width x --height, and paste it back (A1111's "
+                        "'Only masked'): small areas get the model's full resolution")
+    p.add_argument("--inpaint-full-res-padding", type=int, default=32, metavar="PX",
+                   help="with --inpaint-full-res, pixels of context kept around the mask (default 32)")
+    p.add_argument("--invert-mask", action="store_true", help="repaint where the mask is black instead")
+    p.add_argument("--noise-multiplier", type=float, default=1.0,
+                   help="inpainting: scale the noise added to the start (A1111's initial noise multiplier)")
+    p.add_argument("--outpaint", metavar="L,R,T,B", help="with --init-image: extend the canvas by these pixels on "
+                                                         "the left, right, top and bottom and paint the new area")
+    p.add_argument("--hires", type=float, metavar="SCALE", help="hires fix: a second pass at SCALE x the size")
+    p.add_argument("--hires-resize", metavar="WxH", help="hires fix to this size instead of --hires SCALE (0 for "
+                                                         "one side keeps the aspect ratio; both crop to theirs)")
+    p.add_argument("--hires-steps", type=int, default=0, help="the second pass's steps (default: --steps)")
+    p.add_argument("--hires-strength", type=float, default=0.7, help="the second pass's denoising strength")
+    p.add_argument("--hires-upscaler", default="Latent", metavar="NAME|FILE",
+                   help="Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), Latent "
+                        "(nearest), Latent (nearest-exact), Lanczos, Nearest, or an ESRGAN-family .pth/.safetensors")
+    p.add_argument("--hires-sampler", help="the second pass's sampler (default: --sampler)")
+    p.add_argument("--hires-prompt", help="the second pass's prompt (default: the prompt)")
+    p.add_argument("--hires-negative", help="the second pass's negative prompt (default: --negative)")
+    p.set_defaults(mask_hash=None)
+
+
+def mask_and_hires_from_png(raw: dict, out: dict, path: str) -> dict:
+    """The inpainting and hires settings of a parsed `parameters` text, added to params_from_png's."""
+    from latentdiff.io.images import unquote
+    for key, (name, typ) in PNG_KEYS.items():
+        if key in raw:
+            try:
+                out[name] = typ(unquote(raw[key]))
+            except ValueError:
+                raise UsageError(f"{path}: bad {key!r} value {raw[key]!r} in its parameters") from None
+    blur = [raw.get(k) for k in ("Mask blur", "Mask blur x", "Mask blur y")]
+    if any(blur):
+        out["mask_blur"] = blur[0] or f"{blur[1]},{blur[2]}"
+    if raw.get("Inpaint area") == "Only masked":
+        out["inpaint_full_res"] = True
+    if raw.get("Mask mode") == "Inpaint not masked":
+        out["invert_mask"] = True
+    if any(k in out for k in ("hires", "hires_resize", "hires_upscaler", "hires_steps")):
+        out.setdefault("hires", 2.0)  # a resize without a scale: the scale is then not used
+        if "strength" in out:
+            out["hires_strength"] = out.pop("strength")
     return out
+
+
+def number_list(text: str, n: int, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, n) or min(values, default=-1) < 0:
+        raise UsageError(f"{option} must be {n} whole numbers >= 0 separated by commas (got {text!r})")
+    return values * n if len(values) == 1 else values
+
+
+def read_mask_file(path: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read --mask {path}: {e}") from None
+    return image
+
+
+def mask_and_hires(args, given: set[str], init_image, multiple: int):
+    """(init image, mask, InpaintOptions, Hires) for the pipeline from the command line: --outpaint builds the
+    canvas and its mask; with a mask and no -W/-H, the size is the picture's (rounded down to the model's multiple)."""
+    from latentdiff.io.masks import InpaintOptions, MaskError, outpaint_canvas
+    from latentdiff.pipeline import Hires
+    mask = read_mask_file(args.mask) if args.mask else None
+    if args.outpaint:
+        sides = number_list(args.outpaint, 4, "--outpaint")
+        if sum(sides) == 0:
+            raise UsageError("--outpaint needs at least one side above 0 pixels (L,R,T,B)")
+        init_image, mask = outpaint_canvas(init_image, *sides, multiple=multiple)
+    if mask is not None and not (args.width or args.height):
+        args.width, args.height = (max(multiple, v // multiple * multiple) for v in init_image.size)
+    try:
+        blur = number_list(args.mask_blur, 2, "--mask-blur")
+        options = InpaintOptions(blur_x=blur[0], blur_y=blur[1], fill=args.inpainting_fill,
+                                 full_res=args.inpaint_full_res, padding=args.inpaint_full_res_padding,
+                                 invert=args.invert_mask, noise_multiplier=args.noise_multiplier)
+    except MaskError as e:
+        raise UsageError(str(e)) from None
+    hires = None
+    if args.hires is not None or args.hires_resize:
+        rx, ry = number_list(args.hires_resize, 2, "--hires-resize") if args.hires_resize else (0, 0)
+        hires = Hires(scale=2.0 if args.hires is None else args.hires, resize_x=rx, resize_y=ry,
+                      steps=args.hires_steps, strength=args.hires_strength, upscaler=hires_upscaler(args),
+                      sampler=args.hires_sampler, prompt=args.hires_prompt, negative_prompt=args.hires_negative)
+    return init_image, mask, options if mask is not None else None, hires
+
+
+def hires_upscaler(args):
+    """--hires-upscaler: a built-in name, or a network file loaded now (by its stem in the PNG's infotext)."""
+    from latentdiff.models.upscalers import BUILT_IN
+    name = args.hires_upscaler
+    if name in BUILT_IN:
+        return name
+    if not Path(name).suffix:
+        raise UsageError(f"unknown --hires-upscaler {name!r}: choose one of {', '.join(BUILT_IN)}, or pass an "
+                         f"upscaler network file (.pth / .safetensors{f' named {name}' if args.from_png else ''})")
+    from latentdiff.io.upscalers import UpscalerError, load_upscaler
+    try:
+        return load_upscaler(name)
+    except UpscalerError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_mask_and_hires_args(args, given: set[str]):
+    """The checks of the inpainting and hires options that need no model."""
+    masked = args.mask or args.outpaint
+    if masked and not args.init_image:
+        raise UsageError(f"{'--mask' if args.mask else '--outpaint'} needs the picture to paint on: add --init-image "
+                         "FILE")
+    if args.mask and args.outpaint:
+        raise UsageError("--outpaint makes its own mask (the new border): drop --mask, or --outpaint")
+    inpaint_only = ["mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "invert_mask",
+                    "noise_multiplier"]
+    stray = [n for n in inpaint_only if n in given]
+    if stray and not masked:
+        raise UsageError(f"--{stray[0].replace('_', '-')} only applies to inpainting: add --mask FILE (or --outpaint)")
+    hires_only = ["hires_steps", "hires_strength", "hires_upscaler", "hires_sampler", "hires_prompt", "hires_negative"]
+    stray = [n for n in hires_only if n in given]
+    if stray and args.hires is None and not args.hires_resize:
+        raise UsageError(f"--{stray[0].replace('_', '-')} only applies to the hires fix: add --hires SCALE")
+    if (args.hires is not None or args.hires_resize) and args.init_image:
+        raise UsageError("--hires is a second pass of text-to-image: drop --init-image, or ask for the larger size "
+                         "with -W/-H")
+    if args.hires_sampler:
+        check_sampler_and_guidance(args.hires_sampler, None)
+
+
+def check_mask_and_hires(pipe, init_image, mask, inpaint, hires, settings):
+    """The mask and the hires size against the picture and the model, before anything is generated."""
+    from latentdiff.io.masks import InpaintOptions, read_mask
+    try:
+        if mask is not None:
+            read_mask(mask, init_image.size, (inpaint or InpaintOptions()).invert)
+        pipe.hires_sizes(hires, settings["width"], settings["height"], init_image, settings["steps"],
+                         settings["guidance"], None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_mask(args, mask):
+    """--from-png of an inpainting PNG regenerates it only with the mask it was made with."""
+    recorded = args.mask_hash
+    if args.outpaint or not args.from_png:
+        return
+    if mask is None and recorded:
+        raise UsageError(f"{args.from_png} was made by inpainting: pass its mask with --mask FILE")
+    if mask is not None and recorded and image_hash(mask) != recorded:
+        raise UsageError(f"--mask {args.mask} is not the mask {args.from_png} was made with (its pixels hash to "
+                         f"{image_hash(mask)}, the PNG records {recorded}); pass that mask")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,6 +235,7 @@ def params_from_png(path: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from latentdiff.diffusion.samplers import SAMPLER_NAMES
+    from latentdiff.diffusion.schedule import SCHEDULES
     p = ArgumentParser(
         prog="python -m latentdiff.generate",
         description="Generate images from text. Prompts longer than CLIP's 77-token window are encoded in "
@@ -64,10 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the text prompt")
     p.add_argument("-o", "--output", help="a .png file, or a directory (default: outputs/)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt; image i uses seed + i")
-    p.add_argument("--seed", type=int, help="random seed (random when not given, and then printed)")
+    p.add_argument("--seed", type=int, help="random seed; without it, or -1 (A1111's convention), a random one is "
+                                            "drawn, printed and recorded in the PNG")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLER_NAMES)}; A1111 / diffusers / k-diffusion names "
-                                     "like 'DPM++ 2M Karras' are accepted (default: the model's)")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLER_NAMES)}; A1111 / ComfyUI / diffusers / k-diffusion "
+                                     "names are accepted, optionally followed by a schedule as A1111 writes it: "
+                                     f"'DPM++ 2M Karras', 'Euler SGM Uniform' (schedules: {', '.join(SCHEDULES)}) "
+                                     "(default: the model's)")
     p.add_argument("--guidance", "--cfg-scale", type=float, dest="guidance", help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
     p.add_argument("--negative", "--negative-prompt", default="", dest="negative", help="negative prompt")
@@ -77,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a model config YAML to use instead of the one the checkpoint implies")
     p.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"],
                    help="the model's prediction type (SD 2.x 768-v: v_prediction)")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights stored in the checkpoint")
+    p.add_argument("--ema", action="store_true",
+                   help="SD training files that keep EMA copies beside the raw weights (model_ema.*, e.g. "
+                        "sd-v1-4-full-ema.ckpt): use the EMA copies. Not for -emaonly files or latentdiff training "
+                        "checkpoints, which hold EMA weights already")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps, cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on CUDA, fp32 elsewhere")
@@ -85,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, launch the U-Net's kernels one by one instead of replaying a CUDA graph")
-    p.add_argument("--from-file", help="a text file with one prompt per line")
+    p.add_argument("--from-file", help="a text file with one prompt per line; with -n N, prompt i's images get "
+                                       "seeds seed + i*N .. seed + i*N + N-1 (printed)")
     p.add_argument("--from-png", help="regenerate from the parameters stored in a PNG made by latentdiff or A1111")
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
     p.add_argument("--grid-only", action="store_true",
@@ -93,9 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-cols", type=int, help="images per grid row (default: -n with several prompts, else square)")
     p.add_argument("--trajectory", action="store_true",
                    help="also write the predicted x0 at every step, as a strip PNG and a GIF, per image")
+    p.add_argument("--no-prompt-syntax", action="store_true",
+                   help="encode the prompt exactly as written: no (emphasis:1.2), BREAK, [prompt:editing:0.5] or "
+                        "[alter|nation] (A1111's syntax, read by default)")
     p.add_argument("--clip-skip", type=int, help="use the output of this many layers from the end (1 = last)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
+                   help="apply a LoRA / LyCORIS / diffusers LoRA file with multiplier W (default 1); repeatable. "
+                        "Recorded in the PNG as <lora:NAME:W> with its hash, as A1111 does")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="where <lora:NAME:W> in a prompt finds NAME.safetensors (subfolders too); repeatable")
+    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                   help="textual-inversion embeddings (.pt / .safetensors), used by file name in the prompt")
+    p.set_defaults(lora_hashes=None)  # read from --from-png, to tell whether the same LoRA files are used
     p.add_argument("--init-image", help="image-to-image: start from this picture")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the picture (0..1]")
+    add_mask_and_hires_arguments(p)
     p.add_argument("--version", action="version", version=f"latentdiff {__version__}")
     return p
 
@@ -120,6 +321,8 @@ def check_args(args, given: set[str]):
         raise UsageError(f"--grid-cols must be at least 1 (got {args.grid_cols})")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1 (got {args.num_images})")
+    if args.seed is not None and args.seed < -1:
+        raise UsageError(f"--seed must be in 0..{2**64 - 1}, or -1 for a random seed (got {args.seed})")
     check_sampler_and_guidance(args.sampler, args.guidance)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
@@ -132,6 +335,17 @@ def check_args(args, given: set[str]):
         raise UsageError(f"--clip-skip must be at least 1, the last layer (got {args.clip_skip})")
     if "strength" in given and not args.init_image:
         raise UsageError("--strength only applies to image-to-image: add --init-image FILE, or drop --strength")
+
+
+def check_init_image(args, init_image: Image.Image | None):
+    """--from-png of an image-to-image PNG regenerates it only from the picture it started from."""
+    recorded = args.init_image_hash
+    if init_image is None and (recorded or "strength" in args.from_png_keys):
+        raise UsageError(f"{args.from_png} was made by image-to-image (denoising strength {args.strength}): pass "
+                         f"the picture it started from with --init-image FILE")
+    if init_image is not None and recorded and image_hash(init_image) != recorded:
+        raise UsageError(f"--init-image {args.init_image} is not the picture {args.from_png} was made from (its "
+                         f"pixels hash to {image_hash(init_image)}, the PNG records {recorded}); pass that picture")
 
 
 def read_init_image(path: str | None) -> Image.Image | None:
@@ -153,8 +367,9 @@ def checkpoint_path(checkpoint: str | None) -> str:
                              "(pip install --no-build-isolation .), or pass --checkpoint FILE (an SD 1.x / 2.x / XL "
                              "or latentdiff checkpoint)")
         checkpoint = str(BUNDLED)
-    if not Path(checkpoint).is_file():
-        raise UsageError(f"checkpoint {checkpoint} not found; pass an existing .safetensors or .ckpt file")
+    if not Path(checkpoint).is_file() and not (Path(checkpoint) / "model_index.json").is_file():
+        raise UsageError(f"checkpoint {checkpoint} not found; pass an existing .safetensors or .ckpt file, or a "
+                         "diffusers model folder (with model_index.json)")
     return checkpoint
 
 
@@ -173,6 +388,47 @@ def load_pipeline(args, checkpoint: str):
         if "device" in str(e).lower() or "cuda" in str(e).lower():
             raise UsageError(f"device {args.device!r} is not usable here: {str(e).splitlines()[0]}") from None
         raise
+
+
+def lora_option(value: str) -> tuple[Path, float]:
+    """--lora FILE[:W] -> (FILE, W); W defaults to 1."""
+    path, sep, weight = value.rpartition(":")
+    try:
+        if sep and path:
+            return Path(path), float(weight)
+    except ValueError:
+        pass
+    return Path(value), 1.0
+
+
+def use_adapters(pipe, args, prompts: list[str]) -> list[str]:
+    """--lora files become <lora:NAME:W> tags (so the PNG records them, as A1111 does), --lora-dir and the files'
+    folders are where tags are found, --embeddings-dir is read; everything is checked now, in one line each."""
+    import warnings
+    from latentdiff.io.adapters import AdapterError, extract_loras
+    files = [lora_option(v) for v in args.lora]
+    for path, _ in files:
+        if not path.is_file():
+            raise UsageError(f"--lora {path} not found; pass an existing .safetensors (or .pt / .ckpt) file")
+    pipe.loras.dirs = [Path(d) for d in args.lora_dir] + list(dict.fromkeys(p.parent for p, _ in files))
+    tagged = []
+    try:
+        for prompt in prompts:
+            named = {name for name, *_ in extract_loras(prompt)[1]}
+            tagged.append(prompt + "".join(f" <lora:{p.stem}:{w:g}>" for p, w in files if p.stem not in named))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.set_embeddings_dirs(args.embeddings_dir)
+            _, hashes = pipe.loras.activate(tagged)
+    except (AdapterError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    recorded = getattr(args, "lora_hashes", None)
+    if recorded and hashes and set(recorded.split(", ")) != set(hashes.split(", ")):
+        print(f"warning: the LoRA files found now ({hashes}) are not those {args.from_png} records ({recorded}): "
+              "the image will differ", file=sys.stderr)
+    return tagged
 
 
 def settings_for(pipe, args, init_image, seed: int, count: int) -> dict:
@@ -198,28 +454,51 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     """Generate and save; `given` names the options the user typed (they override --from-png)."""
     # --from-png supplies the settings; options given on the command line still win.
     if args.from_png:
-        for key, value in params_from_png(args.from_png).items():
+        png = params_from_png(args.from_png)
+        args.from_png_keys = set(png)
+        args.init_image_hash = png.get("init_image_hash")
+        for key, value in png.items():
             if key not in given and hasattr(args, key):
                 setattr(args, key, value)
     prompts = read_prompts(args)
     check_args(args, given)
+    check_mask_and_hires_args(args, given)
     init_image = read_init_image(args.init_image)
+    if args.from_png:
+        check_init_image(args, init_image)
     checkpoint = checkpoint_path(args.checkpoint)
-    seed = args.seed if args.seed is not None else random.randrange(2**31 - 2**20)
+    seed = args.seed if args.seed not in (None, -1) else random.randrange(2**31 - 2**20)
     n_total = len(prompts) * args.num_images
     names = [f"{slug(prompts[k // args.num_images])}-{seed + k}" for k in range(n_total)]
     paths = output_paths(args.output, names)
     pipe = load_pipeline(args, checkpoint)
+    picture = init_image
+    init_image, mask, inpaint, hires = mask_and_hires(args, given, init_image, pipe.size_multiple)
+    check_mask(args, mask if args.mask else None)
     settings = settings_for(pipe, args, init_image, seed, n_total)
-    if args.seed is None:
+    check_mask_and_hires(pipe, init_image, mask, inpaint, hires, settings)
+    prompts = use_adapters(pipe, args, prompts)
+    if len(prompts) > 1:  # which seed drew what: prompt i's images start at seed + i * num_images
+        n = args.num_images
+        for i, prompt in enumerate(prompts):
+            first = seed + i * n
+            print(f"seed {first}{f'..{first + n - 1}' if n > 1 else ''}: {prompt}", file=sys.stderr)
+    elif args.seed in (None, -1):
         print(f"seed: {seed}", file=sys.stderr)
-    result = pipe(prompts, args.negative, num_images=args.num_images, seed=seed, init_image=init_image,
-                  strength=args.strength, clip_skip=args.clip_skip, guidance_rescale=args.guidance_rescale,
-                  trajectory=args.trajectory, backend=args.backend, **settings)
-    params = dict(negative=args.negative, model=Path(checkpoint).stem, model_hash=file_hash(checkpoint),
-                  strength=args.strength if init_image else None, clip_skip=args.clip_skip,
-                  guidance_rescale=args.guidance_rescale, prediction=args.prediction, **settings)
-    written = [] if args.grid_only else save_images(result, paths, params, args.trajectory)
+    try:
+        result = pipe(prompts, args.negative, num_images=args.num_images, seed=seed, init_image=init_image,
+                      strength=args.strength, clip_skip=args.clip_skip, guidance_rescale=args.guidance_rescale,
+                      trajectory=args.trajectory, backend=args.backend, mask=mask, inpaint=inpaint, hires=hires,
+                      prompt_syntax=not args.no_prompt_syntax, **settings)
+    except ValueError as e:  # the mask (io.masks.MaskError) and the hires settings, checked against the model
+        raise UsageError(str(e)) from None
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.outpaint:  # recorded as the picture before the canvas and the sides, so --from-png rebuilds both
+        for p in result.params:
+            p.update(init_image_hash=image_hash(picture), extra={**p["extra"], "Outpaint": args.outpaint})
+            p["extra"].pop("Mask hash", None)
+    written = [] if args.grid_only else save_images(result, paths, args.trajectory)
     if args.grid_only or (args.grid and len(result.images) > 1):
         grid_path = paths[0].with_name(f"grid-{slug(prompts[0])}-{seed}.png")
         if args.grid_only and args.output and args.output.lower().endswith(".png"):
@@ -231,10 +510,10 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     return written
 
 
-def save_images(result, paths: list[Path], params: dict, trajectory: bool) -> list[Path]:
+def save_images(result, paths: list[Path], trajectory: bool) -> list[Path]:
     """Each image with its `parameters` chunk (and its predicted-x0 strip and GIF with --trajectory)."""
-    for k, (path, image, prompt, seed) in enumerate(zip(paths, result.images, result.prompts, result.seeds)):
-        save_image(image, path, format_parameters(dict(params, prompt=prompt, seed=seed)))
+    for k, path in enumerate(paths[:len(result.images)]):
+        result.save(path, k)
         if trajectory:
             frames = result.trajectory[k]
             save_image(image_grid(frames, cols=len(frames)), path.with_name(path.stem + "-trajectory.png"))

@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,100 @@ def test_convert_with_vae_takes_a_fine_tuned_decoder_and_refuses_another_encoder
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "encoder" in err[0] and "scale factor" in err[1], err
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("depth", [5, 6, 500])
+def test_stored_configs_nested_too_deep_are_refused_by_the_depth_check(depth, tiny_config):
+    """A stored config more than 4 containers deep (ours is 3: the config, unet, channel_mult) is refused by the
+    depth check itself, in one line, before from_dict or any recursion sees it."""
+    from latentdiff.io.checkpoint import CONFIG_KEY
+    from latentdiff.io.config import to_dict
+    stored = to_dict(tiny_config)
+    nest = stored["unet"]["channel_mult"]
+    for _ in range(depth - 3):
+        nest = [nest]
+    stored["unet"]["channel_mult"] = nest
+    with pytest.raises(CheckpointError) as e:
+        detect_config({}, {CONFIG_KEY: json.dumps(stored)}, name="x.safetensors")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("x.safetensors: the stored latentdiff config is invalid (")
+    assert str(e.value).endswith("nested more than 4 levels deep)")
+    stored["unet"]["channel_mult"] = to_dict(tiny_config)["unet"]["channel_mult"]  # depth 3: the config loads
+    assert detect_config({}, {CONFIG_KEY: json.dumps(stored)}) == tiny_config
+
+
+# ---- files written by diffusers' conversion scripts ------------------------------------------------
+# scripts/convert_diffusers_to_original_stable_diffusion.py reads a diffusers SD 2.x folder, whose text_encoder is
+# transformers' CLIPTextModel with 23 of OpenCLIP-H's 24 layers (no projection, no logit_scale), and writes it
+# under cond_stage_model.model.: "transformer." is put before every name, each layer's q/k/v are concatenated into
+# in_proj_*, and the names are relabelled (text_model.encoder.layers. -> resblocks., layer_norm1/2 -> ln_1/2,
+# .fc1./.fc2. -> .c_fc./.c_proj., .self_attn -> .attn, transformer.text_model.final_layer_norm. -> ln_final.,
+# transformer.text_model.embeddings.{token_embedding.weight, position_embedding.weight} -> token_embedding.weight,
+# positional_embedding); anything else (position_ids) keeps its name. The file is torch.save({"state_dict": ...}).
+
+def diffusers_sd2_text_encoder(state):
+    """The diffusers SD 2.x text_encoder weights of a file, as diffusers' own converter makes them (23 layers)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+    width = state["cond_stage_model.model.ln_final.weight"].shape[0]
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=23,
+                                         num_attention_heads=16, hidden_act="gelu", vocab_size=1000,
+                                         bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    hf = convert_open_clip_checkpoint(model, state)
+    assert not any(k.startswith("text_model.encoder.layers.23.") for k in hf)
+    return hf | {"text_model.embeddings.position_ids": torch.arange(77)[None]}  # saved by transformers < 4.31
+
+
+def sd2_script_text_encoder(hf: dict) -> dict:
+    """convert_diffusers_to_original_stable_diffusion.py's text-encoder mapping for an SD 2.x model."""
+    renames = [("text_model.encoder.layers.", "resblocks."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+               (".fc1.", ".c_fc."), (".fc2.", ".c_proj."), (".self_attn", ".attn")]
+    whole = {"transformer.text_model.final_layer_norm.": "ln_final.",
+             "transformer.text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "transformer.text_model.embeddings.position_embedding.weight": "positional_embedding"}
+    out, qkv = {}, {}
+    for key, value in hf.items():
+        key = "transformer." + key
+        if m := re.fullmatch(r"(.*)\.([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = value
+            continue
+        for src, dst in whole.items():
+            key = key.replace(src, dst) if key.startswith(src) else key
+        for src, dst in renames:
+            key = key.replace(src, dst)
+        out[key] = value
+    for (stem, kind), parts in qkv.items():
+        for src, dst in renames:
+            stem = stem.replace(src, dst)
+        out[f"{stem}.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"])
+    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("how", ["script", "dropped"])
+def test_sd2_files_without_what_conditioning_never_uses_load_with_the_same_outputs(how, tmp_path):
+    """An SD 2.x file as diffusers' SD 2.x script writes it (23 text layers, no text_projection, no logit_scale,
+    position_ids under diffusers' name, a .ckpt), and one with only text_projection and logit_scale dropped, load
+    and condition exactly as the full file does."""
+    state = reduced_state("sd21", seed=3)
+    full_path = tmp_path / "full.safetensors"
+    save_file(state, str(full_path))
+    if how == "script":
+        text = sd2_script_text_encoder(diffusers_sd2_text_encoder(state))
+        assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in text
+        assert "cond_stage_model.model.transformer.text_model.embeddings.position_ids" in text
+        other = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")} | text
+        path = tmp_path / "converted.ckpt"
+        torch.save({"state_dict": other}, path)
+    else:
+        other = {k: v for k, v in state.items()
+                 if k not in ("cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale")}
+        path = tmp_path / "dropped.safetensors"
+        save_file(other, str(path))
+    cfg = reduced_config("sd21")
+    full, got = load_models(full_path, config=cfg), load_models(path, config=cfg)
+    tokens = full.text.tokenize(["a red square", "an astronaut riding a horse"]).clamp(max=999)
+    with torch.no_grad():
+        assert torch.equal(got.text(tokens), full.text(tokens))
+    assert all(torch.equal(v, full.unet.state_dict()[k]) for k, v in got.unet.state_dict().items())
+    assert got.config.text.embed_dim == 0 and not hasattr(got.text, "text_projection")
+    assert got.config.text.layers == (23 if how == "script" else 24)

@@ -33,3 +33,31 @@ def test_graph_outputs_survive_the_next_replay(tiny_checkpoint):
         pipe.unet_call(x * 2, t, ctx)
         torch.testing.assert_close(first, keep, rtol=0, atol=0)
         torch.testing.assert_close(first, pipe.unet(x, t, ctx), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_cache_stays_within_its_budget_and_gives_pools_back(tiny_checkpoint):
+    """With room for one graph, each new shape evicts the last one: the answers stay the eager U-Net's, and the
+    evicted pools go back to the device rather than piling up (tests/test_graphed_unet.py checks the policy)."""
+    pipe = Pipeline.from_checkpoint(tiny_checkpoint, device="cuda", dtype="fp16")
+    graphed = pipe.unet_call
+    ctx = pipe.encode_prompts(["a cat"], [""]).half()  # (2, 77, D), as the denoiser passes it
+
+    def inputs(size):
+        g = torch.Generator("cuda").manual_seed(size)
+        return (torch.randn(2, 4, size, size, device="cuda", generator=g).half(),
+                torch.full((2,), 500.0, device="cuda"), ctx)
+
+    with torch.no_grad():
+        graphed(*inputs(8))
+        graphed.budget = graphed.pool_bytes  # room for one graph
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # cached eager blocks out of the count: what stays reserved is weights and pools
+        reserved, biggest = torch.cuda.memory_reserved(), 0
+        for size in (16, 24, 8, 16, 24, 8):
+            out = graphed(*inputs(size))
+            biggest = max(biggest, graphed.pool_bytes)
+            torch.testing.assert_close(out, pipe.unet(*inputs(size)))
+            assert len(graphed.graphs) == 1 and not graphed.failed
+        torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() <= reserved + biggest  # six captures of three shapes: one pool kept

@@ -70,18 +70,61 @@ def reference_set(folder, n=6, size=64):
     (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
 
 
-def test_load_reference_and_the_command(tmp_path, tiny_checkpoint, capsys):
+def test_nearest_hits_on_a_hand_worked_case():
+    """Three references on a line at 0, 1 and 3; generations at 0.1 (nearest 0), 2.2 (nearest 2, not 1) and 2.9
+    (nearest 2): top-1 = 2/3, and with k = 2 every generation has its reference among its two nearest."""
+    ref = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    top1, top2, nearest = nearest_hits(torch.tensor([[0.1], [2.2], [2.9]], dtype=torch.float64), ref, k=2)
+    assert top1 == pytest.approx(2 / 3) and top2 == 1.0
+    assert nearest.tolist() == [[0, 1], [2, 1], [2, 1]]
+
+
+def pooled(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, 3, H, W) uint8 -> (N, 3 * size * size) means of H/size x W/size blocks, in [0, 1] (numpy float64)."""
+    n, c, h, w = images.shape
+    blocks = images.astype(np.float64).reshape(n, c, size, h // size, size, w // size) / 255.0
+    return blocks.mean(axis=(3, 5)).reshape(n, -1)
+
+
+def test_load_reference_and_the_command(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """The report's numbers against their definitions computed here in numpy float64 on the same images:
+    nearest references in 16x16, the Frechet distance of 8x8 pixels (Tr((S_a S_b)^(1/2)) from the eigenvalues of
+    the product) and the VAE's round-trip PSNR."""
+    import latentdiff.evaluate as evaluate
+    from latentdiff.io.checkpoint import load_models
     reference_set(tmp_path)
     names, prompts, images = load_reference(tmp_path)
     assert names[0] == "shape 0" and prompts[0] == "a shape 0" and images.shape == (6, 3, 64, 64)
     assert images[0, :, 20, 20].tolist() == [255, 0, 0] and images[0, :, 0, 0].tolist() == [255, 255, 255]
     assert features(images, 16).shape == (6, 768)
+    generated, real_generate = [], evaluate.generate_all
+    monkeypatch.setattr(evaluate, "generate_all", lambda *a, **k: generated.append(real_generate(*a, **k))
+                        or generated[-1])
     rc = main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--steps", "2", "--device", "cpu",
                "--out", str(tmp_path / "r.json"), "--sheet", str(tmp_path / "s.png")])
     report = json.loads((tmp_path / "r.json").read_text())
-    assert rc == 0 and report["references"] == 6 and 0 <= report["top1"] <= report["top5"] <= 1
-    assert report["vae_psnr_db"] > 0 and report["frechet_pix8"] >= 0
+    assert rc == 0 and report["references"] == 6
     assert Image.open(tmp_path / "s.png").size == (5 * 64, 6 * 64)
+
+    gen = generated[0].numpy()
+    _, _, ref = load_reference(tmp_path, load_models(tiny_checkpoint).config.image_size)
+    ref = ref.numpy()
+    dist = np.linalg.norm(pooled(gen, 16)[:, None] - pooled(ref, 16)[None], axis=2)
+    order = np.argsort(dist, axis=1, kind="stable")
+    rows = np.arange(len(gen))
+    assert report["top1"] == pytest.approx(np.mean(order[:, 0] == rows))
+    assert report["top5"] == pytest.approx(np.mean((order[:, :5] == rows[:, None]).any(axis=1)))
+    a, b = pooled(gen, 8), pooled(ref, 8)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_trace = np.sqrt(np.clip(np.linalg.eigvals(s_a @ s_b).real, 0, None)).sum()
+    fd = np.square(a.mean(0) - b.mean(0)).sum() + np.trace(s_a) + np.trace(s_b) - 2 * root_trace
+    assert report["frechet_pix8"] == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    vae = load_models(tiny_checkpoint).vae
+    with torch.no_grad():
+        x = torch.from_numpy(ref).float() / 127.5 - 1
+        y = vae.decode(vae.encode(x)).clamp(-1, 1).double().numpy()
+    mse = np.square((y - x.double().numpy()) / 2).reshape(len(ref), -1).mean(axis=1)
+    assert report["vae_psnr_db"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
 
 
 def test_denoise_from_with_an_oracle_network_returns_the_vae_reconstruction(tmp_path, tiny_checkpoint):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -474,3 +475,88 @@ def test_no_host_sync_inside_the_loop():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(x).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused path against closed forms computed here, in numpy float64 (not through ops.*_ref): the comparisons
+# above take float64 through the reference, so a mistake shared by a kernel and its reference would pass them.
+
+
+def np64(x):
+    return None if x is None else x.detach().double().cpu().numpy()
+
+
+def closed_form_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, row by row, with the op's own (float32) table entries."""
+    x0, eps, a, s = np64(x0), np64(noise), np64(sqrt_ab), np64(sqrt_1m_ab)
+    out = np.empty_like(x0)
+    for row, step in enumerate(t.tolist()):
+        out[row] = a[step] * x0[row] + s[step] * eps[row]
+    return torch.from_numpy(out)
+
+
+def closed_form_step(x, out, p, q, a, b, c=0.0, d=0.0, d_prev=None, noise=None, x_in=None, guidance=None,
+                     clamp=None):
+    """The reverse update from its definition: g = (1 - w) u + w k under CFG, D = p x_in + q g clipped to
+    [-clamp, clamp], x_next = a x + b D + c d_prev + d noise."""
+    x, out = np64(x), np64(out)
+    if guidance is not None:
+        uncond, cond = out[:len(x)], out[len(x):]
+        out = (1.0 - guidance) * uncond + guidance * cond
+    denoised = p * (x if x_in is None else np64(x_in)) + q * out
+    unclamped = denoised
+    if clamp:
+        denoised = np.clip(denoised, -clamp, clamp)
+    x_next = a * x + b * denoised
+    if c:
+        x_next = x_next + c * np64(d_prev)
+    if d:
+        x_next = x_next + d * np64(noise)
+    return torch.from_numpy(x_next), torch.from_numpy(denoised), torch.from_numpy(unclamped)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 4, 13, 11), (3, 33)])
+def test_fused_q_sample_against_the_closed_form(device, dtype, shape):
+    gen = torch.Generator().manual_seed(seed("closed q", shape, dtype))
+    sqrt_ab, sqrt_1m_ab = tables(device)
+    x0, noise = randn(shape, dtype, device, gen), randn(shape, dtype, device, gen)
+    t = torch.tensor([0, 999, 500, 17][:shape[0]], device=device)  # both ends of the schedule
+    with RecordOps() as rec:
+        fused = ops.q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, backend="fused")
+    assert "latentdiff.q_sample.default" in rec.names  # the kernel ran, not the reference
+    eager = ops.q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab, backend="torch")
+    assert_as_accurate(fused.cpu(), eager.cpu(), closed_form_q_sample(x0, noise, t, sqrt_ab, sqrt_1m_ab), dtype)
+
+
+CLOSED_STEPS = {  # the clamp set where it cuts a good share of D, under CFG and with every term
+    "cfg": dict(p=0.3, q=-0.8, a=0.7, b=0.45, guidance=7.5),
+    "cfg_clamp_all_terms": dict(p=0.7, q=-1.3, a=0.8, b=0.3, c=0.2, d=0.45, guidance=4.0, clamp=1.0,
+                                d_prev=True, noise=True, x_in=True),
+    "clamp": dict(p=1.0, q=-0.6, a=0.5, b=0.5, clamp=1.5),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CLOSED_STEPS)
+def test_fused_sampler_step_against_the_closed_form(device, dtype, case):
+    gen = torch.Generator().manual_seed(seed("closed step", case, dtype))
+    opts = dict(CLOSED_STEPS[case])
+    shape = (3, 4, 9, 7)
+    x = randn(shape, dtype, device, gen, scale=3.0)
+    out = randn((2 * shape[0] if "guidance" in opts else shape[0], *shape[1:]), dtype, device, gen)
+    extra = {k: randn(shape, dtype, device, gen) if opts.pop(k, False) else None for k in ("d_prev", "noise", "x_in")}
+    with RecordOps() as rec:
+        fused = ops.sampler_step(x, out, **extra, **opts, backend="fused")
+    assert "latentdiff.sampler_step.default" in rec.names
+    eager = ops.sampler_step(x, out, **extra, **opts, backend="torch")
+    x_next, denoised, unclamped = closed_form_step(x, out, **extra, **opts)
+    for f, e, exact in zip(fused, eager, (x_next, denoised)):
+        assert f.dtype == dtype and f.shape == x.shape
+        assert_as_accurate(f.cpu(), e.cpu(), exact, dtype)
+    if opts.get("clamp"):
+        cut = unclamped.abs() > opts["clamp"] * 1.01
+        assert 0.1 < cut.double().mean().item() < 0.9  # the clamp is exercised, not vacuous
+        assert torch.equal(fused[1].cpu().double()[cut], denoised[cut])  # exactly +-clamp where it cuts

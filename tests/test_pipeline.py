@@ -124,6 +124,26 @@ def test_trajectory_has_one_frame_per_step(pipe):
     assert len(res.trajectory) == 2 and all(len(t) == 3 for t in res.trajectory)
 
 
+def test_trajectory_frames_are_the_samplers_denoised_values(pipe):
+    """Frame k of image i is the sampler's predicted x0 of step k for row i (its callback's "denoised"), decoded:
+    compared with the VAE's decode of those latents, mapped to 8 bits here, within one level."""
+    import numpy as np
+    seen = []
+    res = pipe("a cat", steps=3, seed=2, progress=False, trajectory=True, num_images=2, sampler="euler",
+               callback=lambda info: seen.append(info["denoised"].clone()))
+    assert len(seen) == 3
+    for k, denoised in enumerate(seen):
+        with torch.no_grad():
+            decoded = pipe.vae.decode(denoised.to(pipe.vae_dtype)).double()
+        want = ((decoded.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+        for i in range(2):
+            frame = np.asarray(res.trajectory[i][k], dtype=np.float64)
+            assert np.abs(frame - want[i]).max() <= 1.0, (i, k)
+    assert not np.array_equal(np.asarray(res.trajectory[0][0]), np.asarray(res.trajectory[0][2]))
+    # Euler's last step lands on its denoised value: the last frame is the image.
+    assert all(np.array_equal(np.asarray(t[-1]), np.asarray(im)) for t, im in zip(res.trajectory, res.images))
+
+
 def test_img2img_starts_from_the_q_sampled_image(pipe):
     """At strength s the run starts at the snapped timestep t0 from x_t = sqrt(ab) x0 + sqrt(1-ab) eps."""
     from PIL import Image
@@ -183,3 +203,47 @@ def test_given_latents_are_the_starting_noise(pipe):
     assert torch.equal(pipe("a cat", latents=draw, seed=0, **kw).latents, ref)
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe("a cat", latents=torch.zeros(1, 4, 8, 8), **kw)
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak bytes of the tensor storages ops create while it is on, each counted until it is freed: a
+    measurement of activation memory on the CPU, where torch keeps no allocator statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:  # views share their base's storage
+                    self.live[key] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def test_the_memory_estimate_counts_a_long_prompt_s_context(pipe):
+    """A 20-chunk prompt is a 1540-token context that cross-attention holds with its keys and values beside the
+    image's activations: what it adds to a U-Net call's measured peak, the estimate adds at least as much (at 16x16,
+    where the U-Net rather than the VAE sets the estimate)."""
+    peaks = {}
+    for chunks in (1, 20):
+        den = pipe.denoiser(["\u0d9e" * (75 * chunks // 2)], [""], 5.0, size=(16, 16))
+        assert den.context.shape[1] == 77 * chunks
+        with torch.no_grad(), LiveBytes() as memory:
+            den(torch.randn(1, 4, 4, 4), 3.0)
+        peaks[chunks] = memory.peak + den.context.nbytes  # the context itself was made before the call
+    grown = peaks[20] - peaks[1]
+    estimated = pipe.image_bytes(16, 16, 5.0, tokens=1540) - pipe.image_bytes(16, 16, 5.0, tokens=77)
+    assert grown > 2**20 and grown <= estimated <= 2 * grown, (grown, estimated)
+    assert pipe.image_bytes(16, 16, 5.0) == pipe.image_bytes(16, 16, 5.0, tokens=77)  # one chunk by default
+    assert pipe.context_tokens(["x", "\u0d9e" * 100]) == 3 * 77  # 200 tokens: three chunks

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from latentdiff.io.config import DiffusionConfig
-from latentdiff.diffusion.schedule import Schedule, betas, exponential_sigmas, karras_sigmas, rescale_zero_terminal_snr, sampling_sigmas, timesteps
+from latentdiff.diffusion.schedule import (SCHEDULES, Schedule, beta_ppf, betas, exponential_sigmas, karras_sigmas,
+                                          rescale_zero_terminal_snr, resolve_schedule, sampling_sigmas, timesteps)
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers turns its float32 torch tables into numpy with np.array(tensor), which numpy 2 flags; not ours.
@@ -185,5 +186,165 @@ def test_bad_names_are_errors():
         betas("sigmoidal")
     with pytest.raises(ValueError, match="leading, trailing, linspace"):
         timesteps(sd_schedule(), 10, "uniform")
-    with pytest.raises(ValueError, match="default, karras, exponential"):
-        sampling_sigmas(sd_schedule(), 10, "polyexponential")
+    with pytest.raises(ValueError, match="default, automatic, uniform, karras, exponential"):
+        sampling_sigmas(sd_schedule(), 10, "cubic")
+    with pytest.raises(ValueError, match="depends on the sampler"):
+        sampling_sigmas(sd_schedule(), 10, "automatic")
+
+
+# ----------------------------------------------------------------------------------------------
+# A1111's and ComfyUI's schedules, against k-diffusion (which A1111 calls) and the formulas of their code,
+# written out here in float64: A1111 modules/sd_schedulers.py, ComfyUI comfy/samplers.py.
+
+
+def k_diffusion_parts():
+    """k_diffusion.sampling and .external without the package's __init__ (training-only dependencies)."""
+    import importlib.util
+    import sys
+    import types
+    if "k_diffusion.external" not in sys.modules:
+        spec = importlib.util.find_spec("k_diffusion") if "k_diffusion" not in sys.modules else None
+        if spec is None and "k_diffusion" not in sys.modules:
+            pytest.skip("k-diffusion is not installed")
+        if "k_diffusion" not in sys.modules:
+            pkg = types.ModuleType("k_diffusion")
+            pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
+            sys.modules["k_diffusion"] = pkg
+        pytest.importorskip("torchsde")
+        pytest.importorskip("scipy")
+    import k_diffusion.external as ke
+    import k_diffusion.sampling as ks
+    return ks, ke
+
+
+STEPS = [1, 2, 7, 10, 11, 20, 33]
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return sd_schedule()
+
+
+@pytest.fixture(scope="module")
+def kd(sd):
+    ks, ke = k_diffusion_parts()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    model = ke.DiscreteSchedule(sd.sigmas.clone(), quantize=False)  # A1111's CompVisDenoiser, in float64
+    torch.set_default_dtype(old)
+    return ks, model
+
+
+def in_float64(fn, *args, **kw):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return fn(*args, **kw)
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_uniform_normal_sgm_uniform_match_k_diffusion(sd, kd, n):
+    ks, model = kd
+    smin, smax = float(sd.sigmas[0]), float(sd.sigmas[-1])
+    # A1111 uniform: inner_model.get_sigmas(n); normal: t from sigma_to_t(sigma_max) to sigma_to_t(sigma_min),
+    # n of them, + 0; sgm_uniform: the same with n + 1 and the last dropped. k-diffusion's t_to_sigma rounds t to
+    # float32 (t.float()), so agreement is at that level; our float64 interpolation is test_sigma_t_interpolation's.
+    f32 = dict(rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(sampling_sigmas(sd, n, "uniform"), in_float64(model.get_sigmas, n), **f32)
+    start = model.sigma_to_t(torch.tensor(smax, dtype=torch.float64))
+    end = model.sigma_to_t(torch.tensor(smin, dtype=torch.float64))
+    normal = [float(model.t_to_sigma(t)) for t in torch.linspace(float(start), float(end), n, dtype=torch.float64)]
+    grid = torch.linspace(float(start), float(end), n + 1, dtype=torch.float64)[:-1]
+    sgm = [float(model.t_to_sigma(t)) for t in grid]
+    torch.testing.assert_close(sampling_sigmas(sd, n, "normal"), torch.tensor(normal + [0.0], dtype=torch.float64),
+                               **f32)
+    torch.testing.assert_close(sampling_sigmas(sd, n, "sgm_uniform"), torch.tensor(sgm + [0.0], dtype=torch.float64),
+                               **f32)
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_karras_exponential_polyexponential_match_k_diffusion(sd, kd, n):
+    ks, _ = kd
+    smin, smax = float(sd.sigmas[0]), float(sd.sigmas[-1])
+    if n > 1:  # k-diffusion's ramps divide by n - 1
+        for kind, fn in [("karras", ks.get_sigmas_karras), ("exponential", ks.get_sigmas_exponential),
+                         ("polyexponential", ks.get_sigmas_polyexponential)]:
+            torch.testing.assert_close(sampling_sigmas(sd, n, kind), in_float64(fn, n, smin, smax), **F64)
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_simple_ddim_uniform_beta_kl_optimal_linear_quadratic_formulas(sd, n):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    sig = sd.sigmas.tolist()  # ascending, index = timestep
+    T, smin, smax = len(sig), sig[0], sig[-1]
+    # simple: sigmas[-(1 + int(x * T / n))] for x < n, + 0 (A1111 and ComfyUI alike)
+    simple = [sig[-(1 + int(x * (T / n)))] for x in range(n)] + [0.0]
+    # ddim (A1111) = ddim_uniform (ComfyUI): every max(T // n, 1)-th sigma from t = 1, descending, + 0
+    ddim = [sig[x] for x in range(1, T, max(T // n, 1))][::-1] + [0.0]
+    # beta (A1111): Beta(0.6, 0.6) quantiles of 1 - linspace(0, 1, n), placed linearly from sigma_min to sigma_max
+    beta = [smin + float(scipy_stats.beta.ppf(1 - (j / (n - 1) if n > 1 else 0.0), 0.6, 0.6)) * (smax - smin)
+            for j in range(n)] + [0.0]
+    # kl_optimal (A1111): tan of n + 1 points from atan(sigma_max) to atan(sigma_min), no trailing 0
+    kl = [math.tan(k / n * math.atan(smin) + (1 - k / n) * math.atan(smax)) for k in range(n + 1)]
+    # linear_quadratic (ComfyUI, from Mochi): threshold 0.025, linear over n // 2 steps, times sigma_max
+    if n == 1:
+        lq = [smax, 0.0]
+    else:
+        ls = n // 2
+        d = ls - 0.025 * n
+        qc, lc = d / (ls * (n - ls) ** 2), 0.025 / ls - 2 * d / (n - ls) ** 2
+        ramp = [i * 0.025 / ls for i in range(ls)] + [qc * i * i + lc * i + qc * ls * ls for i in range(ls, n)] + [1.0]
+        lq = [(1 - v) * smax for v in ramp]
+    for kind, want in [("simple", simple), ("ddim_uniform", ddim), ("beta", beta), ("kl_optimal", kl),
+                       ("linear_quadratic", lq)]:
+        torch.testing.assert_close(sampling_sigmas(sd, n, kind), torch.tensor(want, dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12, msg=kind)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_align_your_steps_tables_and_interpolation(sd, n, sdxl):
+    np = pytest.importorskip("numpy")
+    table = ([14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029] if sdxl else
+             [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029])
+    if n == len(table):
+        want = table
+    else:  # NVIDIA's loglinear_interp: np.interp of log sigma (reversed) on an even grid
+        xs, ys = np.linspace(0, 1, len(table)), np.log(table[::-1])
+        want = np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1].tolist()
+    got = sampling_sigmas(sd, n, "align_your_steps", sdxl=sdxl)
+    torch.testing.assert_close(got, torch.tensor(want + [0.0], dtype=torch.float64), rtol=1e-13, atol=0)
+
+
+def test_beta_ppf_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for a, b in [(0.6, 0.6), (0.5, 0.7), (2.0, 5.0)]:
+        for p in [0.0, 1e-6, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0]:
+            assert beta_ppf(p, a, b) == pytest.approx(float(scipy_stats.beta.ppf(p, a, b)), abs=1e-13)
+
+
+def test_schedule_names_and_labels():
+    # A1111's labels and aliases and ComfyUI's names all resolve; the twelve of A1111 plus ComfyUI's
+    # linear_quadratic are listed.
+    assert set(SCHEDULES) == {"automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform",
+                              "kl_optimal", "align_your_steps", "simple", "normal", "ddim_uniform", "beta",
+                              "linear_quadratic"}
+    for name, label in SCHEDULES.items():
+        assert resolve_schedule(name) == name == resolve_schedule(label) == resolve_schedule(label.upper())
+    assert resolve_schedule("ddim") == "ddim_uniform" and resolve_schedule("SGMUniform") == "sgm_uniform"
+    assert resolve_schedule("default") == "default"
+
+
+@pytest.mark.parametrize("kind", [k for k in SCHEDULES if k != "automatic"])
+def test_every_schedule_is_a_valid_run_on_zero_snr_too(kind):
+    # Descending, starting at or below sigma_max, ending in 0 (kl_optimal: at sigma_min), for SD and a
+    # zero-terminal-SNR schedule alike.
+    for s in (sd_schedule(), sd_schedule(zero_terminal_snr=True)):
+        for n in (1, 5, 30):
+            sig = sampling_sigmas(s, n, kind)
+            assert bool((sig[1:] < sig[:-1]).all()), (kind, n, sig)
+            if kind != "align_your_steps":  # a fixed table, SD's 14.615 whatever the model
+                assert float(sig[0]) <= float(s.sigmas[-1]) * (1 + 1e-12)
+            assert float(sig[-1]) == (float(s.sigmas[0]) if kind == "kl_optimal" else 0.0)

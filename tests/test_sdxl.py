@@ -3,6 +3,7 @@ transformers' CLIP text models and diffusers' UNet2DConditionModel (text_time), 
 import dataclasses
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,67 @@ def test_sdxl_layout_file_in_half_matches_float32(small, dtype):
             assert pipe.vae_dtype == torch.float32 and next(pipe.unet.parameters()).dtype == torch.float16
     err = ((final[dtype] - final["fp32"]).norm() / final["fp32"].norm()).item()
     assert err <= {"fp16": 1e-2, "bf16": 5e-2}[dtype], err
+
+
+# ---- files written by diffusers' scripts/convert_diffusers_to_original_sdxl.py -----------------------
+# It writes text_encoder (CLIPTextModel) as it is under conditioner.embedders.0.transformer., and text_encoder_2
+# (CLIPTextModelWithProjection) under conditioner.embedders.1.model.: each layer's q/k/v concatenated into
+# in_proj_*, names relabelled (text_model.encoder.layers. -> transformer.resblocks., layer_norm1/2 -> ln_1/2,
+# .fc1./.fc2. -> .c_fc./.c_proj., .self_attn -> .attn, text_model.final_layer_norm. -> ln_final.,
+# text_model.embeddings.{token_embedding.weight, position_embedding.weight} -> token_embedding.weight,
+# positional_embedding), and anything else under its own name: the projection as transformers' Linear
+# (text_projection.weight, (out, in)), position_ids; no logit_scale (transformers' text model has none).
+
+def sdxl_script_text_encoders(hf_l, hf_g) -> dict:
+    """convert_diffusers_to_original_sdxl.py's text-encoder part, from the two transformers models' weights as a
+    diffusers SDXL folder holds them (names under text_model., position_ids saved by transformers < 4.31)."""
+    def saved(model):
+        state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+                 for k, v in model.state_dict().items()}
+        return state | {"text_model.embeddings.position_ids": torch.arange(77)[None]}
+    renames = [("text_model.encoder.layers.", "transformer.resblocks."), ("layer_norm1", "ln_1"),
+               ("layer_norm2", "ln_2"), (".fc1.", ".c_fc."), (".fc2.", ".c_proj."), (".self_attn", ".attn"),
+               ("text_model.final_layer_norm.", "ln_final."),
+               ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+               ("text_model.embeddings.position_embedding.weight", "positional_embedding")]
+    g, qkv = {}, {}
+    for key, value in saved(hf_g).items():
+        if m := re.fullmatch(r"(.*)\.([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = value
+            continue
+        for src, dst in renames:
+            key = key.replace(src, dst)
+        g[key] = value
+    for (stem, kind), parts in qkv.items():
+        for src, dst in renames:
+            stem = stem.replace(src, dst)
+        g[f"{stem}.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"])
+    return ({SDXL_L_PREFIX + k: v for k, v in saved(hf_l).items()} | {SDXL_G_PREFIX + k: v for k, v in g.items()})
+
+
+def test_files_from_diffusers_sdxl_script_load_and_without_bigg_projection_are_refused(small):
+    """No logit_scale, bigG's projection as text_projection.weight and position_ids under diffusers' names: the
+    file loads and gives the same context and pooled embedding; without the projection (the pooled output needs
+    it) it is refused in one line that names it."""
+    from safetensors.torch import save_file
+    d, cfg, models = small
+    ours = state_dict_for(models)
+    text = sdxl_script_text_encoders(*hf_text_encoders(ours))
+    assert SDXL_G_PREFIX + "text_projection.weight" in text and SDXL_G_PREFIX + "logit_scale" not in text
+    assert SDXL_G_PREFIX + "transformer.resblocks.2.attn.in_proj_weight" in text
+    state = {k: v.contiguous() for k, v in ours.items() if not k.startswith("conditioner.")} | text
+    path = d / "from-diffusers.safetensors"
+    save_file(state, str(path))
+    got = load_models(path, config=cfg)
+    with torch.no_grad():
+        want_ctx, want_pooled = models.text.eval().encode_with_pooled(PROMPTS[:3])
+        ctx, pooled = got.text.encode_with_pooled(PROMPTS[:3])
+    assert torch.equal(ctx, want_ctx) and torch.equal(pooled, want_pooled)
+    assert all(torch.equal(v, models.unet.state_dict()[k]) for k, v in got.unet.state_dict().items())
+
+    del state[SDXL_G_PREFIX + "text_projection.weight"]
+    save_file(state, str(d / "no-projection.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        load_models(d / "no-projection.safetensors", config=cfg)
+    assert "\n" not in str(e.value) and "conditioner.embedders.1.model.text_projection" in str(e.value)
+    assert "pooled" in str(e.value)

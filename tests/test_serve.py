@@ -6,10 +6,12 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,9 +25,9 @@ from latentdiff.generate import main as generate_main
 from latentdiff.io.files import file_hash
 from latentdiff.io.images import parse_parameters
 from latentdiff.serve.__main__ import load_config, main as serve_main
-from latentdiff.serve.a1111 import resolve_sampler
-from latentdiff.serve.app import create_app, is_loopback
-from latentdiff.serve.worker import Checkpoint, ServeConfig, Worker
+from latentdiff.serve.a1111 import ApiError, Txt2Img, resolve_sampler
+from latentdiff.serve.app import create_app, is_loopback, make_job, progress_dict
+from latentdiff.serve.worker import Checkpoint, ServeConfig, Task, Worker
 
 webuiapi = pytest.importorskip("webuiapi")
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,15 +112,17 @@ def test_webuiapi_txt2img_is_generate_and_round_trips_from_png(server, tiny_chec
     assert r.info["sd_model_hash"] == file_hash(tiny_checkpoint) and len(r.info["infotexts"]) == 2
     assert r.parameters["prompt"] == "a red fox" and r.parameters["steps"] == 3 and r.parameters["seed"] == 7
     # The same batch through generate -n 2 gives the same pixels exactly: image i of the batch is seed + i.
+    # (webuiapi sends scheduler "automatic": A1111's schedule for Euler a, Uniform.)
     assert generate_main(["a red fox", "--negative", "blurry", "--checkpoint", str(tiny_checkpoint), "--seed", "7",
-                          "--steps", "3", "--guidance", "5.0", "--sampler", "Euler a", "-n", "2",
+                          "--steps", "3", "--guidance", "5.0", "--sampler", "Euler a Uniform", "-n", "2",
                           "-o", str(tmp_path / "ref.png")]) == 0
     for i in range(2):
         assert np.array_equal(pixels(r.images[i]), pixels(Image.open(tmp_path / f"ref-{i}.png")))
     # The PNG's parameters chunk regenerates the image through generate --from-png, alone rather than in a batch of
     # two: the same up to float rounding (BLAS picks its kernels by batch size, so the last bit may differ).
     params = parse_parameters(r.images[1].info["parameters"])
-    assert (params["prompt"], params["negative"], params["Seed"], params["Sampler"]) == ("a red fox", "blurry", "8", "Euler a")
+    assert (params["prompt"], params["negative"], params["Seed"], params["Sampler"]) == ("a red fox", "blurry", "8",
+                                                                                        "Euler a Uniform")
     r.images[1].save(tmp_path / "served.png", pnginfo=_pnginfo(r.images[1]))
     again = generated(tmp_path, "again", "--from-png", tmp_path / "served.png", "--checkpoint", tiny_checkpoint)
     assert np.abs(pixels(again) - pixels(r.images[1])).max() <= 1
@@ -150,7 +154,11 @@ def test_samplers_schedulers_models_options_progress(server, tiny_checkpoint):
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM"} <= {s["name"] for s in samplers}
     for s in samplers:  # every advertised name and alias is accepted, and means that sampler
         assert all(resolve_sampler(a, None, "x") == (s["name"], "default") for a in s["aliases"])
-    assert {"automatic", "karras", "exponential"} == set(api.util_get_scheduler_names())
+    assert {"automatic", "default", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform",
+            "kl_optimal", "align_your_steps", "simple", "normal", "ddim_uniform", "beta",
+            "linear_quadratic"} == set(api.util_get_scheduler_names())
+    names = {s["name"] for s in samplers}
+    assert len(samplers) == 31 and {"UniPC", "LCM", "DPM++ SDE", "DDIM CFG++", "Restart"} <= names
     sha = hashlib.sha256(Path(tiny_checkpoint).read_bytes()).hexdigest()
     models = api.get_sd_models()
     assert models == [{"title": f"tiny [{sha[:10]}]", "model_name": "tiny", "hash": sha[:10], "sha256": sha,
@@ -167,7 +175,9 @@ def test_samplers_schedulers_models_options_progress(server, tiny_checkpoint):
 def test_sampler_names_split_into_sampler_and_schedule(server):
     base = {"prompt": "x", "steps": 1, "seed": 1, "width": 64, "height": 64}
     for name, scheduler, want in [("DPM++ 2M Karras", None, "DPM++ 2M Karras"), ("Euler", "Exponential", "Euler Exponential"),
-                                  ("k_dpmpp_2m", "automatic", "DPM++ 2M"), ("Euler a", "karras", "Euler a Karras")]:
+                                  ("k_dpmpp_2m", "automatic", "DPM++ 2M Karras"),
+                                  ("Euler a", "karras", "Euler a Karras"), ("UniPC", "automatic", "UniPC Automatic"),
+                                  ("DPM++ SDE", "SGM Uniform", "DPM++ SDE SGM Uniform"), ("Euler", "default", "Euler")]:
         r = server.post("txt2img", dict(base, sampler_name=name, scheduler=scheduler)).json()
         assert parse_parameters(json.loads(r["info"])["infotexts"][0])["Sampler"] == want
     r = server.post("txt2img", dict(base, sampler_index="Heun"))  # A1111's older field
@@ -198,11 +208,12 @@ def test_errors_have_a1111_shape_and_status(server):
     check(server.post("txt2img", {"prompt": "x", "width": 60}), 422, "multiples of 8")
     check(server.post("txt2img", {"prompt": "x", "width": 4096, "height": 64}), 422, "over this server's limit")
     check(server.post("txt2img", {"prompt": "x", "batch_size": 9, "n_iter": 2}), 422, "batch_size * n_iter")
-    check(server.post("txt2img", {"prompt": "x", "enable_hr": True}), 422, "enable_hr")
+    check(server.post("txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 8, "width": 512, "height": 512}), 422,
+          "the hires size 4096x4096 is over this server's limit")
     check(server.post("txt2img", {"prompt": "x" * 10001}), 422, "at most 10000 characters")
     check(server.post("txt2img", {"prompt": "x", "alwayson_scripts": {"ControlNet": {"args": []}}}), 422, "alwayson")
-    check(server.post("txt2img", {"prompt": "x", "sampler_name": "LMS"}), 404, "Sampler not found")
-    check(server.post("txt2img", {"prompt": "x", "scheduler": "Beta"}), 404, "Scheduler not found")
+    check(server.post("txt2img", {"prompt": "x", "sampler_name": "Magic 9000"}), 404, "Sampler not found")
+    check(server.post("txt2img", {"prompt": "x", "scheduler": "Cubic"}), 404, "Scheduler not found")
     check(server.post("txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}}), 404, "Model not found")
     check(server.post("img2img", {"prompt": "x", "init_images": ["bm90IGFuIGltYWdl"]}), 400, "Invalid encoded image")
     check(server.post("img2img", {"prompt": "x", "init_images": []}), 422, "init_images")
@@ -490,3 +501,318 @@ def test_real_process_concurrent_clients_queue_limit_and_memory(tiny_checkpoint,
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening: what a hostile client tried (issue 20)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return b64(buf.getvalue())
+
+
+def decoded_image(b64text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64text)))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height, with a few bytes of pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Every image the process decodes (or hands to Ghostscript), as (reader, size)."""
+    from PIL import EpsImagePlugin, ImageFile
+    calls = []
+
+    def spy(original):
+        def load(self):
+            calls.append((type(self).__name__, self.size))
+            return original(self)
+        return load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy(ImageFile.ImageFile.load))
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "load", spy(EpsImagePlugin.EpsImageFile.load))
+    return calls
+
+
+def test_only_png_jpeg_and_webp_are_decoded_and_only_after_their_size_is_read(server, decoded):
+    big = io.BytesIO()
+    Image.new("1", (3000, 3000)).save(big, format="PNG")
+    png = big.getvalue()
+    # An icon whose directory says 16x16 around a 3000x3000 PNG: Pillow's ICO reader decodes the PNG while opening
+    # the file, before a size can be checked (the review's 12000x12000 one took 550 MB).
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n"  # Ghostscript would run it
+    bmp = base64.b64decode(encoded(Image.new("RGB", (8, 8)), "BMP"))
+    refused = [(ico, "send a base64 PNG, JPEG or WebP"), (eps, "send a base64 PNG, JPEG or WebP"),
+               (bmp, "send a base64 PNG, JPEG or WebP"), (png, "3000x3000 is too large"),
+               (png_claiming(5000, 5000), "5000x5000 is too large"), (png_claiming(10**5, 10**5), "too large")]
+    for data, fragment in refused:
+        for path, body in [("img2img", {"prompt": "x", "init_images": [b64(data)]}), ("png-info", {"image": b64(data)})]:
+            r = server.post(path, body)
+            assert r.status_code == 400 and fragment in r.json()["detail"], (path, fragment, r.text)
+    assert decoded == []  # refused from the header alone: no pixel was decoded
+    for fmt in ["PNG", "JPEG", "WEBP"]:  # what clients send still works
+        assert server.post("png-info", {"image": encoded(Image.new("RGB", (8, 8), "red"), fmt)}).status_code == 200
+    assert [size for _, size in decoded] == [(8, 8)] * 3
+
+
+def test_validation_errors_stay_few_and_small(server):
+    """pydantic reports every bad item: a long list of them drew an answer 60x the request's size."""
+    fields = ["steps", "seed", "width", "height", "batch_size", "n_iter", "cfg_scale", "subseed", "subseed_strength",
+              "enable_hr", "send_images", "save_images", "restore_faces", "tiling"]
+    for path, body, fragment in [
+            ("txt2img", {"styles": [0] * 200_000}, "at most 64 items"),
+            ("img2img", {"init_images": [0] * 200_000}, "at most 64 items"),
+            ("txt2img", {"styles": ["a"] * 65}, "at most 64 items"),
+            ("txt2img", {"override_settings": {str(i): i for i in range(100_000)}}, "at most 1024 items"),
+            ("txt2img", {k: "x" for k in fields}, "and 4 more errors")]:
+        r = server.post(path, body)
+        body = r.json()
+        assert r.status_code == 422 and {"error", "detail", "body", "errors"} <= set(body), r.text[:200]
+        assert len(r.content) < 8000 and len(body["detail"]) <= 11, (path, len(r.content), len(body["detail"]))
+        assert fragment in json.dumps(body["detail"]), body["detail"]
+
+
+def test_cross_site_requests_are_refused_and_the_page_s_own_are_not(server):
+    own = f"http://127.0.0.1:{server.port}"
+    body = {"prompt": "long", "seed": 5, "steps": 150, "width": 64, "height": 64, "sampler_name": "Euler"}
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(server.post, "txt2img", body)
+        wait_until(lambda: server.get("progress").json()["state"]["sampling_step"] >= 2)
+        for headers in [{"Origin": "https://evil.example"}, {"Origin": "null"}, {"Origin": "http://127.0.0.1"},
+                        {"Origin": f"http://127.0.0.1:{server.port + 1}"}, {"Origin": f"https://127.0.0.1:{server.port}"},
+                        {"Origin": f"http://localhost:{server.port}"}, {"Origin": "http://[::1"},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Origin": own, "Sec-Fetch-Site": "cross-site"}]:
+            r = requests.post(server.url + "/sdapi/v1/interrupt", headers=headers, timeout=30)
+            assert r.status_code == 403 and "Cross-origin request refused" in r.json()["detail"], headers
+        assert not job.done() and not server.worker.progress.interrupted  # the job goes on
+        r = server.post("options", {"CLIP_stop_at_last_layers": 2}, headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403 and server.get("options").json()["CLIP_stop_at_last_layers"] == 1
+        # The page's own requests (same origin, as a browser sends them) stop it.
+        r = requests.post(server.url + "/sdapi/v1/interrupt", json={}, timeout=30,
+                          headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})
+        assert r.status_code == 200
+        assert json.loads(job.result(timeout=30).json()["info"])["interrupted"] is True
+    # Bodies a page can send anywhere without asking (forms, text/plain) are not JSON: refused.
+    text = json.dumps({"prompt": "x", "steps": 1})
+    for headers, data in [({"Content-Type": "text/plain"}, text), ({}, text),
+                          ({"Content-Type": "application/x-www-form-urlencoded"}, "prompt=x"),
+                          ({"Content-Type": "multipart/form-data; boundary=b"}, "--b--")]:
+        r = requests.post(server.url + "/sdapi/v1/txt2img", data=data, headers=headers, timeout=30)
+        assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"], headers
+    r = requests.post(server.url + "/sdapi/v1/txt2img", data=text, timeout=60,
+                      headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+    assert requests.post(server.url + "/sdapi/v1/interrupt", timeout=30).status_code == 200  # webuiapi: no body
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_worker_running(tiny_checkpoint):
+    """asyncio cancels the future of a request whose client went away (uvicorn at shutdown, other servers on a
+    disconnect); answering it used to raise in the worker thread and end it, and every later request hung."""
+    s = InProcess([tiny_checkpoint])
+    try:
+        gate = threading.Event()
+        s.worker.submit(Task(lambda: gate.wait(30)))
+        wait_until(lambda: s.worker.running)
+        gone = s.worker.submit(make_job(s.worker, Txt2Img(prompt="gone", steps=1)))
+        assert gone.cancel()
+        gate.set()
+        r = requests.post(s.url + "/sdapi/v1/txt2img", json={"prompt": "next", "steps": 1}, timeout=20)
+        assert r.status_code == 200 and s.worker.thread.is_alive()
+    finally:
+        s.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end, on purpose
+def test_a_dead_worker_answers_503_everywhere(tiny_checkpoint):
+    s = InProcess([tiny_checkpoint])
+    try:
+        def escape():
+            raise SystemExit  # stands for any error that gets past the worker loop's handlers
+        lost = s.worker.submit(Task(escape))
+        wait_until(lambda: not s.worker.thread.is_alive())
+        with pytest.raises(ApiError) as e:
+            lost.result(timeout=5)  # the request that was running is answered, not left waiting
+        assert e.value.status == 503
+        for method, path in [("GET", "/sdapi/v1/options"), ("GET", "/"), ("POST", "/sdapi/v1/txt2img")]:
+            r = requests.request(method, s.url + path, json={"prompt": "x", "steps": 1}, timeout=20)
+            assert r.status_code == 503 and "restart the server" in r.json()["detail"], (path, r.text)
+    finally:
+        s.close()
+
+
+def test_a_short_prompt_merged_with_a_long_one_gives_the_image_it_gives_alone(server, tiny_checkpoint, tmp_path):
+    """A batch encodes every prompt to its longest one's 75-token chunks; a short prompt padded with empty chunks
+    draws another image, so prompts of different chunk counts do not share a batch."""
+    long = "a lighthouse on a cliff at dusk, " * 12  # 96 tokens: two chunks
+    base = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 4.0}
+    with ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(server.post, "txt2img", dict(base, prompt="slow", seed=0, steps=80))
+        wait_until(lambda: server.worker.running)
+        futures = [pool.submit(server.post, "txt2img", dict(base, prompt=p, seed=s)) for p, s in [("a cat", 1), (long, 2)]]
+        wait_until(lambda: server.worker.queued() == 2 or blocker.done())
+        assert not blocker.done(), "the blocking request finished before the others queued; make it longer"
+        results = [f.result().json() for f in futures]
+    for (prompt, seed), r in zip([("a cat", 1), (long, 2)], results):
+        ref = generated(tmp_path, f"alone{seed}", prompt, "--checkpoint", tiny_checkpoint, "--seed", seed, "--steps", 2,
+                        "--sampler", "Euler", "--guidance", 4.0)
+        assert np.abs(pixels(decoded_image(r["images"][0])) - pixels(ref)).max() <= 1, prompt[:20]
+
+
+def test_an_interrupt_in_a_split_batch_keeps_finished_images_and_deals_each_job_its_own(server, monkeypatch):
+    """A batch larger than the device holds runs in parts; an interrupt in the second part must keep the first
+    part's finished images and give each merged job the images of its own seeds."""
+    import torch
+    from latentdiff.io.images import to_pil
+    worker, pipe = server.worker, server.worker.pipe
+    monkeypatch.setattr(pipe, "max_batch", lambda *a, **k: 1)  # a device that holds one image at a time
+    sample = pipe._sample
+
+    def interrupt_at_job_b(prompts, *args, **kw):
+        if prompts[0] == "job b":
+            worker.interrupt()  # it stops at its first step
+        return sample(prompts, *args, **kw)
+    monkeypatch.setattr(pipe, "_sample", interrupt_at_job_b)
+    base = {"steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 4.0}
+    with ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(server.post, "txt2img", dict(base, prompt="slow", seed=0, steps=80))
+        wait_until(lambda: worker.running)
+        a = pool.submit(server.post, "txt2img", dict(base, prompt="job a", seed=1))
+        wait_until(lambda: worker.queued() == 1 or blocker.done())  # a first: the batch is [a, b]
+        b = pool.submit(server.post, "txt2img", dict(base, prompt="job b", seed=2))
+        wait_until(lambda: worker.queued() == 2 or blocker.done())
+        assert not blocker.done(), "the blocking request finished before the others queued; make it longer"
+        runs = len(worker.batches)
+        blocker.result()
+        a, b = a.result().json(), b.result().json()
+    assert list(worker.batches)[runs:] == [2]  # one batch of both, which the pipeline split in two
+    info_a, info_b = json.loads(a["info"]), json.loads(b["info"])
+    assert len(a["images"]) == len(b["images"]) == 1 and info_b["interrupted"] is True
+    assert (info_a["all_seeds"], info_b["all_seeds"]) == ([1], [2])
+    assert parse_parameters(info_b["infotexts"][0])["prompt"] == "job b"
+    monkeypatch.setattr(pipe, "_sample", sample)
+    alone = server.post("txt2img", dict(base, prompt="job a", seed=1)).json()  # a finished: the image it gives alone
+    assert np.abs(pixels(decoded_image(a["images"][0])) - pixels(decoded_image(alone["images"][0]))).max() <= 1
+    first = []  # b: its predicted x0 after its first step, as A1111 answers an interrupted job
+    pipe(["job b"], [""], seed=2, generators=[torch.Generator().manual_seed(2)], steps=3, sampler="Euler",
+         guidance=4.0, height=64, width=64, progress=False, callback=lambda info: first.append(info["denoised"]))
+    ref = to_pil(pipe.decode(first[0]))[0]
+    assert np.abs(pixels(decoded_image(b["images"][0])) - pixels(ref)).max() <= 1
+
+
+def test_img2img_progress_runs_to_one_without_going_back(server, monkeypatch):
+    worker, pipe = server.worker, server.worker.pipe
+    monkeypatch.setattr(pipe, "max_batch", lambda *a, **k: 1)  # the two images run one after the other
+    seen, make = [], worker._step_callback
+
+    def recording(p):
+        inner = make(p)
+
+        def on_step(info):
+            inner(info)
+            seen.append(progress_dict(worker, True)["progress"])
+        return on_step
+    monkeypatch.setattr(worker, "_step_callback", recording)
+    init = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    r = server.post("img2img", {"prompt": "x", "init_images": [init], "steps": 10, "denoising_strength": 0.5,
+                                "batch_size": 2, "seed": 1, "width": 64, "height": 64})
+    assert r.status_code == 200
+    assert seen == pytest.approx([i / 10 for i in range(1, 11)])  # 5 steps (0.5 of 10) for each of the two images
+
+
+def test_prompts_are_limited_in_tokens_before_any_work(server):
+    runs = len(server.worker.batches)
+    long = "\u0d9e" * 1000  # 1000 characters, 2000 tokens: 27 chunks of context, each a CUDA graph shape of its own
+    for body in [{"prompt": long}, {"prompt": "x", "negative_prompt": long}, {"prompt": "a " * 1501}]:
+        r = server.post("txt2img", dict(body, steps=1))
+        assert r.status_code == 422 and "at most 1500 tokens (20 chunks of 75); got" in r.json()["detail"], r.text
+    assert len(server.worker.batches) == runs  # refused before the queue
+    r = server.post("txt2img", {"prompt": "\u0d9e" * 750, "steps": 1, "width": 64, "height": 64})  # 1500: the limit
+    assert r.status_code == 200, r.text
+    assert load_config(None, ["--serve.max_prompt_chunks=4"]).max_prompt_chunks == 4
+
+
+def test_clip_skip_and_seed_ranges_are_the_model_s_and_their_messages_say_so(server):
+    base = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    for value in [3, 99, 0, True, 1.5, "2"]:  # the tiny model's text encoder has 2 layers
+        r = server.post("txt2img", dict(base, override_settings={"CLIP_stop_at_last_layers": value}))
+        assert r.status_code == 422 and "CLIP_stop_at_last_layers must be an integer in 1..2" in r.json()["detail"]
+        r = server.post("options", {"CLIP_stop_at_last_layers": value})
+        assert r.status_code == 422 and "CLIP_stop_at_last_layers must be an integer in 1..2" in r.json()["detail"]
+    assert server.get("options").json()["CLIP_stop_at_last_layers"] == 1  # refused settings change nothing
+    r = server.post("txt2img", dict(base, override_settings={"CLIP_stop_at_last_layers": 2}))
+    assert r.status_code == 200 and json.loads(r.json()["info"])["clip_skip"] == 2
+    try:
+        assert server.post("options", {"CLIP_stop_at_last_layers": 2}).status_code == 200
+        assert json.loads(server.post("txt2img", base).json()["info"])["clip_skip"] == 2
+    finally:
+        assert server.post("options", {"CLIP_stop_at_last_layers": 1}).status_code == 200
+    for seed, n, top in [(-2, 1, 2**63 - 1), (2**63, 1, 2**63 - 1), (2**63 - 1, 2, 2**63 - 2)]:
+        r = server.post("txt2img", dict(base, seed=seed, batch_size=n))
+        assert r.status_code == 422 and f"seed must be -1 (random) or in 0..{top} for {n} image(s)" in r.json()["detail"]
+    assert json.loads(server.post("txt2img", dict(base, seed=2**63 - 2, batch_size=2)).json()["info"])["all_seeds"] \
+        == [2**63 - 2, 2**63 - 1]
+
+
+def test_options_read_booleans_as_a1111_clients_send_them_and_zero_sizes_are_refused(server):
+    try:
+        for value, want in [("false", False), ("true", True), (0, False), ("off", False), ("1", True)]:
+            assert server.post("options", {"live_previews_enable": value}).status_code == 200
+            assert server.get("options").json()["live_previews_enable"] is want, value
+        r = server.post("options", {"live_previews_enable": "maybe"})
+        assert r.status_code == 422 and "live_previews_enable must be true or false" in r.json()["detail"]
+    finally:
+        server.post("options", {"live_previews_enable": True})
+    for field in ("width", "height"):  # 0 is a mistake, not "the model's default"
+        r = server.post("txt2img", {"prompt": "x", "steps": 1, field: 0})
+        assert r.status_code == 422 and "positive multiples of 8" in r.json()["detail"]
+
+
+def test_img2img_resize_modes_are_a1111_s(server, tiny_checkpoint, tmp_path):
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 128, 3), dtype=np.uint8))  # 128 wide
+    fitted = np.asarray(init.resize((64, 32), Image.LANCZOS))
+    filled = np.concatenate([fitted[:1].repeat(16, 0), fitted, fitted[-1:].repeat(16, 0)])
+    references = {0: init,  # just resize: stretched to 64x64, as generate --init-image does
+                  1: init.crop((32, 0, 96, 64)),  # crop and resize: 64 high already, the middle 64 columns
+                  2: Image.fromarray(filled)}  # resize and fill: 64x32 in the middle, its edge rows drawn out
+    body = {"prompt": "a boat", "init_images": [encoded(init)], "seed": 3, "steps": 4, "denoising_strength": 0.5,
+            "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 6.0}
+    for mode, reference in references.items():
+        reference.save(tmp_path / f"init{mode}.png")
+        r = server.post("img2img", dict(body, resize_mode=mode))
+        assert r.status_code == 200, r.text
+        ref = generated(tmp_path, f"ref{mode}", "a boat", "--checkpoint", tiny_checkpoint, "--seed", 3, "--steps", 4,
+                        "--init-image", tmp_path / f"init{mode}.png", "--strength", 0.5, "--sampler", "Euler",
+                        "--guidance", 6.0, "-W", 64, "-H", 64)
+        assert np.array_equal(pixels(decoded_image(r.json()["images"][0])), pixels(ref)), mode
+    for mode in (3, 7, -1):  # 3 is A1111's latent upscale: refused rather than silently done another way
+        r = server.post("img2img", dict(body, resize_mode=mode))
+        assert r.status_code == 422 and "resize_mode must be one of 0 (just resize)" in r.json()["detail"]
+
+
+def test_png_info_answers_a_bounded_amount_of_text(server):
+    """zTXt chunks compress 1 MB of text into 1 KB: a 66 KB PNG of 64 of them drew a 64 MB answer."""
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Seed: 1")
+    for k in range(64):
+        info.add_text(f"chunk{k}", "a" * (2**20 - 1), zip=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG", pnginfo=info)
+    assert len(buf.getvalue()) < 100_000
+    r = server.post("png-info", {"image": b64(buf.getvalue())})
+    assert r.status_code == 200 and len(r.content) < 2.1 * 2**20
+    answer = r.json()
+    assert answer["info"] == "a cat\nSteps: 2, Seed: 1" and answer["parameters"]["Seed"] == "1"
+    assert list(answer["items"]) == ["chunk0"]  # the first chunk fits; the rest are left out

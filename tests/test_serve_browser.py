@@ -81,3 +81,63 @@ def test_page_generates_with_a_moving_progress_bar(browser, tiny_checkpoint, tmp
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow  # a server process and a browser start: ~20 s on 2 cores
+def test_page_paints_a_mask_and_inpaints_keeping_the_unmasked_pixels(browser, tiny_checkpoint, tmp_path):
+    """Upload a picture, paint a stroke with the brush (and erase part of it), generate: the answer is the
+    picture, repainted only within the blur's reach of the painted pixels."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    upload = Image.fromarray((np.random.RandomState(7).rand(64, 64, 3) * 255).astype(np.uint8))
+    upload.save(tmp_path / "upload.png")
+    proc, url = start_process(tiny_checkpoint)
+    try:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler_name")).options) > 0)
+        browser.find_element(By.CSS_SELECTOR, "#picture_panel summary").click()
+        browser.find_element(By.ID, "init_file").send_keys(str(tmp_path / "upload.png"))
+        wait.until(lambda d: d.execute_script("return document.getElementById('mask').width") == 64)
+        assert browser.find_element(By.ID, "width").get_attribute("value") == "64"
+        browser.find_element(By.ID, "prompt").send_keys("a red flower")
+        for field, value in [("steps", "3"), ("seed", "11")]:
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        canvas = browser.find_element(By.ID, "mask")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+        shown = canvas.size["width"]  # the canvas is drawn at the form's width: 64 pixels of picture across it
+        browser.execute_script("document.getElementById('brush').value = arguments[0]", round(shown / 64 * 8))
+        ActionChains(browser).move_to_element_with_offset(canvas, -shown // 4, 0).click_and_hold() \
+            .move_by_offset(shown // 2, 0).release().perform()  # picture x 16..48 at y 32, 8 pixels wide
+        browser.find_element(By.ID, "erase").click()
+        ActionChains(browser).move_to_element_with_offset(canvas, shown // 8, 0).click_and_hold() \
+            .move_by_offset(shown // 16, 0).release().perform()  # rubs out x 40..44
+        alpha = np.array(browser.execute_script(
+            "const d = document.getElementById('mask').getContext('2d').getImageData(0, 0, 64, 64).data;"
+            "return Array.from(d).filter((_, i) => i % 4 === 3);")).reshape(64, 64)
+        painted = alpha > 128
+        assert painted[32, 20] and painted[32, 30] and not painted[32, 42] and not painted[10, 32]
+        assert 150 < painted.sum() < 400, painted.sum()
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card img"))
+        src = browser.find_element(By.CSS_SELECTOR, "#gallery .card img").get_attribute("src")
+        out = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")).astype(int)
+        src_px = np.asarray(upload).astype(int)
+        near = np.zeros((64, 64), bool)  # within the blur's reach (mask blur 4: 10 pixels) of a painted pixel
+        for y, x in zip(*np.nonzero(painted)):
+            near[max(0, y - 10):y + 11, max(0, x - 10):x + 11] = True
+        assert (~near).sum() > 1500 and np.array_equal(out[~near], src_px[~near])
+        assert np.abs(out[painted] - src_px[painted]).mean() > 20
+        caption = browser.find_element(By.CSS_SELECTOR, "#gallery .card pre").text
+        assert "Denoising strength: 0.75" in caption and "Mask blur: 4" in caption
+    finally:
+        proc.terminate()
+        proc.wait(30)

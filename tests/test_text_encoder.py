@@ -154,3 +154,21 @@ def test_open_clip_floor_is_checked_at_import():
     assert r.stderr.strip().splitlines()[-1] == ("ImportError: latentdiff needs open_clip_torch >= 2.26.1 (batch-first "
                                                  "text transformer), found 2.20.0: pip install -U "
                                                  "'open_clip_torch>=2.26.1'")
+
+
+def test_the_tokenizer_cache_is_bounded_and_changes_no_tokens(monkeypatch):
+    """A server tokenizes whatever clients send: open_clip's per-word memo must not grow without end (issue 20's
+    hostile pass found 90,000 entries after 200 prompts of random words), and clearing it changes no ids."""
+    import random
+
+    from latentdiff.models import text_encoder
+    tok = text_encoder.bpe_tokenizer()
+    monkeypatch.setattr(tok.cache, "limit", 500)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randrange(3, 12)))
+             for _ in range(3000)]
+    ids = [tok.encode(w) for w in words]
+    assert len(tok.cache) <= 500
+    assert all(k in tok.cache for k in tok.cache.keep)  # the special tokens stay
+    fresh = type(tok)()  # open_clip's own tokenizer, unbounded
+    assert ids == [fresh.encode(w) for w in words]

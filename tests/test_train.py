@@ -89,11 +89,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], **popen) -> subprocess.Popen:
+def torchrun(args: list[str], program: tuple[str, ...] = ("-m", "latentdiff.train"), **popen) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "latentdiff.train", "--config", str(CONFIG), *args]
+           f"--master_port={free_port()}", *program, "--config", str(CONFIG), *args]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
 
@@ -239,6 +239,59 @@ def test_sigkill_then_resume_auto_continues_from_the_checkpoint(shards, tmp_path
     rows = read_csv(out)
     resumed = [int(r["step"]) for r in rows if int(r["step"]) > step0]
     assert resumed[-3:] == [step0 + 1, step0 + 2, step0 + 3]
+
+
+STOP_IN_STEP_3 = """
+import signal, sys, time
+from pathlib import Path
+from latentdiff.train import __main__ as train_main, loop
+
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+real_step, real_handler, signalled = loop.train_step, loop.StopRequested.handler, []
+
+
+def handler(self, signum, frame):
+    signalled.append(signum)
+    real_handler(self, signum, frame)
+
+
+def step(run, batches, window):
+    if run.step == 2 and run.d.main:  # rank 0, in step 3: ask for the signal, and go on only once it arrived
+        marker.write_text("in step 3")
+        deadline = time.time() + 60
+        while not signalled and time.time() < deadline:
+            time.sleep(0.05)
+    return real_step(run, batches, window)
+
+
+loop.StopRequested.handler, loop.train_step = handler, step
+sys.exit(train_main.main(argv))
+"""
+
+
+@pytest.mark.slow  # a torchrun launch: ~15 s on 2 cores
+def test_torchrun_stops_at_the_end_of_the_step_the_signal_arrived_in(clean_shards, tmp_path):
+    """SIGTERM to torchrun's process group (the agent passes it on to the ranks) while rank 0 is in step 3: every
+    rank stops at the end of step 3 and saves there, with log steps far apart (log_every=40)."""
+    script, marker, out = tmp_path / "stop_in_step_3.py", tmp_path / "in-step-3", tmp_path / "run"
+    script.write_text(STOP_IN_STEP_3)
+    proc = torchrun(common_args(clean_shards, out, steps=10_000, log_every=40, checkpoint_every=10_000)
+                    + ["--data.num_workers=0"], program=(str(script), str(marker)), start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.time() < deadline, "rank 0 did not reach step 3 within 120 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)  # as `timeout -s TERM torchrun ...` or a container stop does
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert "step 3: stop requested" in output, output[-4000:]
+    assert sorted(complete_checkpoints(out)) == [3], output[-4000:]
+    state = load_state(complete_checkpoints(out)[3])
+    assert state["step"] == 3 and len(state["rng"]) == 2  # both ranks took part in the save
 
 
 def test_latent_shards_train_like_encoding_on_the_fly(clean_shards, tmp_path, tiny_checkpoint):
@@ -489,3 +542,126 @@ def test_on_the_fly_latents_equal_encode_shards_under_bf16_autocast(clean_shards
     for x0, caption in zip(seen[0], batch["captions"]):
         errs = [float(np.abs(x0.numpy() - w).max()) for w in want[caption]]
         assert min(errs) < 1e-5, (caption, errs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host reads: what the device-side accounting must not do (issue 20, item 11)
+
+
+def host_reads(prof, allowed_under: tuple[str, ...] = ()) -> list[list[str]]:
+    """The profiled `aten::_local_scalar_dense` calls (a tensor read back to the host: a device sync on a GPU),
+    each as its chain of parent ops, leaving out those inside an op of `allowed_under`."""
+    found = []
+    for ev in prof.events():
+        if ev.name != "aten::_local_scalar_dense":
+            continue
+        chain, p = [], ev.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if not any(name in allowed_under for name in chain):
+            found.append(chain)
+    return found
+
+
+def test_ema_update_reads_nothing_back_and_follows_the_closed_form():
+    """EMA.update keeps its weight on the device (no _local_scalar_dense in a profile of it), and its weights
+    follow the float64 recursion e_n = d_n e_{n-1} + (1 - d_n) p_n with d_n = min(decay, (1 + n) / (10 + n)),
+    a skipped step (ok False) leaving average, buffers and count alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
+    ema = train_losses.EMA({"net": net}, decay=0.9, warmup=True)
+    ema.CHUNK = 10  # parameters of 30, 6, 6 and 6 elements: three foreach chunks
+    assert [len(e) for e, _ in train_losses._chunks(list(net.parameters()), list(net.parameters()), 10)] == [1, 2, 1]
+    expect = {k: v.double().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+    n, oks = 0, [True, True, False, True, True, True, False, True]
+    for i, ok in enumerate(oks):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net.train()(torch.randn(4, 5))  # moves the BatchNorm running statistics (buffers, copied when ok)
+        if i == 0:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                ema.update(torch.tensor(ok))
+            assert host_reads(prof) == []
+        else:
+            ema.update(torch.tensor(ok))
+        if ok:
+            d = min(0.9, (1 + n) / (10 + n))
+            names = dict(net.named_parameters())
+            for k in expect:
+                src = net.state_dict()[k].double()
+                expect[k] = d * expect[k] + (1 - d) * src if k in names else src
+            n += 1
+    assert ema.updates == n == 6
+    got = ema.modules["net"].state_dict()
+    for k, v in expect.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=1e-6, atol=1e-6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ema.update()  # without ok, as well
+    assert host_reads(prof) == []
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(clean_shards, tmp_path, monkeypatch):
+    """A whole train_step (loss, backward, clipping, optimizer, EMA, window) queues its work without reading a
+    tensor back to the host. Fused AdamW's CPU kernel reads its step count and found_inf from host memory (its
+    CUDA kernel reads them on the device), so reads inside it are not counted here."""
+    real, seen = train_loop.train_step, []
+
+    def profiled(run, batches, window):
+        if run.step != 2:
+            return real(run, batches, window)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            real(run, batches, window)
+        seen.append(host_reads(prof, allowed_under=("aten::_fused_adamw_",)))
+    monkeypatch.setattr(train_loop, "train_step", profiled)
+    train_main.main(["--config", str(CONFIG), *common_args(clean_shards, tmp_path / "run", steps=3),
+                    "--data.num_workers=0"])
+    assert seen == [[]]
+
+
+def test_sample_grids_are_drawn_eagerly_without_cuda_graphs(tiny_config, tmp_path, monkeypatch):
+    """save_samples builds its Pipeline with cuda_graphs=False: a grid every sample_every steps would capture a
+    throw-away graph (and its memory pool) while loader threads may be calling CUDA."""
+    from conftest import build_models
+    from latentdiff.data.loader import DataConfig
+    from latentdiff.train import log as train_log
+    built = []
+
+    class Recorded(train_log.Pipeline):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(train_log, "Pipeline", Recorded)
+    models = build_models(tiny_config)
+    ema = train_losses.EMA({"unet": models.unet}, decay=0.9, warmup=True)
+    cfg = train_config.TrainConfig(sample_prompts=("a red square",), sample_steps=2)
+    path = tmp_path / "grid.png"
+    train_log.save_samples(path, models, ema, cfg, DataConfig(resolution=32), "cpu", None)
+    assert Image.open(path).size == (32, 32)
+    assert len(built) == 1 and built[0].get("cuda_graphs") is False, built
+
+
+def test_gradient_accumulation_equals_one_larger_batch(clean_shards, tmp_path, monkeypatch):
+    """grad_accum=2 over batches of 2 takes the same optimizer steps as grad_accum=1 over batches of 4 holding the
+    same samples: same losses, same weights (to float rounding). Timesteps and noise are made functions of each
+    sample (the two runs draw their random streams in different shapes), captions are never dropped."""
+    monkeypatch.setattr(train_losses, "sample_timesteps", lambda n, T, bias, gen, device: torch.full((n,), 400,
+                                                                                                     device=device))
+    real = diffusion.training_batch
+    monkeypatch.setattr(diffusion, "training_batch",
+                        lambda x0, t, noise, *rest: real(x0, t, torch.sin(7.0 * x0 + 1.0) * 1.3, *rest))
+    runs = {}
+    for accum, batch in ((2, 2), (1, 4)):
+        out = tmp_path / f"accum{accum}"
+        train_main.main(["--config", str(CONFIG), *common_args(clean_shards, out, steps=3, lr="1e-3", grad_accum=accum),
+                         f"--data.batch_size={batch}", "--data.caption_dropout=0", "--data.num_workers=0"])
+        runs[accum] = ([r["loss"] for r in read_csv(out)], load_state(complete_checkpoints(out)[3]))
+    (loss2, s2), (loss1, s1) = runs[2], runs[1]
+    torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-7)
+    for k, v in s1["model"]["unet"].items():
+        torch.testing.assert_close(s2["model"]["unet"][k], v, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(0)  # the trainer's seed: the weights both runs started from
+    init = train_loop.build_fresh(load_models(complete_checkpoints(tmp_path / "accum1")[3] / "model.safetensors")
+                                  .config).unet.state_dict()
+    assert all(not torch.equal(v, init[k]) for k, v in s1["model"]["unet"].items() if k.endswith(".weight"))

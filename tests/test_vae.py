@@ -105,9 +105,30 @@ def test_tiled_decode_real_decoder_is_close_and_exact_for_one_tile():
         assert torch.equal(vae.decode(z, tile=12), full)
         tiled = vae.decode(z, tile=8, overlap=4)
     assert tiled.shape == full.shape
-    # Tiles see less context (and other GroupNorm statistics): close on average, not equal.
-    rel = (tiled - full).abs().mean() / full.abs().mean()
-    assert rel < 0.5 and not math.isnan(rel)
+    # Tiles see less context (and other GroupNorm statistics): close on average, not equal. Measured 0.175; tiles
+    # averaged with equal weights over the overlap score 0.260, each tile written over the last 0.358.
+    rel = ((tiled - full).abs().mean() / full.abs().mean()).item()
+    assert rel < 0.21, rel
+
+
+def test_tiled_decode_fades_tiles_that_disagree_across_the_overlap(monkeypatch):
+    """A decoder that is local but for one offset per tile (the tile's own mean taken out, as its GroupNorm
+    statistics shift a real tile): tiles disagree by a constant each, and the blend must spread each disagreement
+    over the overlap, so neighbouring pixels of tiled - untiled differ by at most 1/4 of the largest disagreement.
+    Measured: 0.057 with the linear ramps; 0.381 with equal weights over the overlap, 0.459 writing each tile over
+    the last (a hard seam)."""
+    vae = AutoencoderKL(TINY)
+    monkeypatch.setattr(vae, "_decode", lambda z: F.interpolate(z[:, :3] - z[:, :3].mean(dim=(2, 3), keepdim=True),
+                                                                scale_factor=2, mode="nearest"))
+    z = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(5)) + torch.linspace(-2, 2, 20)
+    full, tiled = vae.decode(z), vae.decode(z, tile=8, overlap=4)
+    err = (tiled - full).double()
+    offsets = [z[:, :3, y:y + 8, x:x + 8].mean(dim=(2, 3)) for y in (0, 4, 8, 12) for x in (0, 4, 8, 12)]
+    spread = max((a - b).abs().max().item() for a in offsets for b in offsets) / vae.config.scale_factor
+    jump = max((err[..., 1:] - err[..., :-1]).abs().max().item(),
+               (err[..., 1:, :] - err[..., :-1, :]).abs().max().item())
+    assert spread > 1.0  # the tiles do disagree
+    assert jump <= spread / 4, (jump, spread)
 
 
 def test_bad_tile_overlap_is_a_clear_error():

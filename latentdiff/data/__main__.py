@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from latentdiff.cli import ArgumentParser
 from latentdiff.data.emoji import EMOJI_CREDIT, make_emoji_shards
 from latentdiff.data.encode import encode_shards
 from latentdiff.data.loader import MAX_RESOLUTION, DataError
-from latentdiff.data.shards import make_shards
+from latentdiff.data.shards import make_shards, shards_pattern
 
 
 def _print_summary(what: str, summary: dict, t0: float):
@@ -34,6 +35,9 @@ def _print_summary(what: str, summary: dict, t0: float):
             print(f"  {n:6d}  {reason}" + (f"  (e.g. {example})" if example else ""))
     else:
         print("skipped 0")
+    if shards and what != "emoji":
+        latents = " --data.latents=true" if what == "encode-shards" else ""
+        print(f"train on them with: --data.shards={shlex.quote(shards_pattern(shards))}{latents}")
 
 
 

@@ -4,9 +4,11 @@ Used by the trainer when data.in_memory is true, or auto and the decoded samples
 (the 1,377 emoji latents take 11 MB). Per draw it makes the same choices as the streaming loader: one of the
 sample's captions at random, caption dropout to the empty prompt, a horizontal flip with data.hflip (the
 flipped latent from latent shards, the mirrored image from image shards). Each epoch is a permutation of the
-whole set, the same on every rank, of which rank r takes positions r, r + W, ...; batches run on across epoch
-ends, so every batch has data.batch_size samples and each epoch covers the set exactly once (so data.resample,
-data.shuffle_buffer and data.num_workers do not apply). Every rank holds the whole set.
+whole set, the same on every rank, wrapped around to a multiple of the world size W (as DistributedSampler pads),
+of which rank r takes positions r, r + W, ...; batches run on across epoch ends, so every batch has
+data.batch_size samples, every rank takes ceil(N / W) per epoch and each epoch covers the set exactly once, but
+for the ceil(N / W) * W - N padding samples seen twice (so data.resample, data.shuffle_buffer and data.num_workers
+do not apply). Every rank holds the whole set.
 """
 from __future__ import annotations
 
@@ -99,6 +101,11 @@ class MemoryLoader:
         # The same permutation on every rank (seeded by seed and epoch only), so the rank slices are disjoint.
         perm_gen = torch.Generator(self.device).manual_seed(_seed(self.seed, self.epoch, 2))
         perm = torch.randperm(self.n, generator=perm_gen, device=self.device)
+        # Wrapped around to a multiple of the world size, as torch's DistributedSampler pads: every rank takes
+        # ceil(N / W) samples per epoch, so the ranks go through the epochs together (unequal slices would drift
+        # apart, and their epochs' permutations with them, across epoch ends).
+        pad = -self.n % self.world_size
+        perm = torch.cat([perm, perm[:pad]]) if pad else perm
         self.order, self.pos = perm[self.rank::self.world_size], 0
 
     def indices(self, batch_size: int) -> torch.Tensor:

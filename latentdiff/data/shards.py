@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -101,6 +102,19 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def shards_pattern(paths: list[str]) -> str:
+    """The data.shards value naming exactly these shards: one path, a brace range when they are PREFIX-NNNNNN.tar
+    numbered on in one folder (what ShardWriter writes), else the paths joined by '::'."""
+    parts = [Path(p) for p in paths]
+    named = [re.fullmatch(r"(.*)-(\d+)", p.stem) for p in parts]
+    if len(parts) > 1 and all(named) and all(p.suffix == ".tar" for p in parts):
+        heads = {(p.parent, m[1], len(m[2])) for p, m in zip(parts, named)}
+        numbers = [int(m[2]) for m in named]
+        if len(heads) == 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            return str(parts[0].with_name(f"{named[0][1]}-{{{named[0][2]}..{named[-1][2]}}}.tar"))
+    return "::".join(str(p) for p in parts)
 
 
 def _image_record(path: Path, source: str) -> dict[str, bytes]:

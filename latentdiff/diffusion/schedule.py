@@ -11,7 +11,6 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "quadratic", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
-SIGMA_KINDS = ("default", "karras", "exponential")
 
 # Where zero-terminal-SNR leaves abar_T = 0 the k-diffusion sigma is infinite; samplers start from the
 # sigma of abar = 2^-24 instead (the smallest positive fp16 subnormal, diffusers' choice), about 4096.
@@ -144,24 +143,212 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
 
 
-def sampling_sigmas(schedule: Schedule, n: int, kind: str = "default", spacing: str = "trailing",
-                    steps_offset: int = 1) -> torch.Tensor:
-    """The (n+1,) float64 sigmas of an n-step run, descending, ending in 0.
+def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """n sigmas, log sigma a power rho of a ramp from 1 to 0 (k-diffusion's polyexponential; rho 1: exponential)."""
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
 
-    default: the sigmas at `timesteps(schedule, n, spacing, steps_offset)`; fractional timesteps (linspace)
-    interpolate linearly in sigma, as diffusers' Euler-family schedulers do.
-    karras / exponential: between the schedule's smallest and largest sigma (as k-diffusion and A1111).
+
+# Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step sigmas for SD 1.5 and SDXL; other step counts
+# interpolate log sigma linearly over an even grid (their how-to's loglinear_interp, as A1111 does).
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
+
+
+def align_your_steps_sigmas(n: int, sdxl: bool = False) -> torch.Tensor:
+    """n sigmas of the AYS table for SD 1.5 (or SDXL), log-linearly interpolated when n is not 11."""
+    table = AYS_SDXL if sdxl else AYS_SD15
+    if n == len(table):
+        return torch.tensor(table, dtype=torch.float64)
+    ys = [math.log(v) for v in reversed(table)]  # ascending, on the grid k / (len - 1)
+    out = []
+    for j in range(n):
+        pos = (j / (n - 1) if n > 1 else 0.0) * (len(ys) - 1)
+        k = min(int(pos), len(ys) - 2)
+        out.append(math.exp(ys[k] + (pos - k) * (ys[k + 1] - ys[k])))
+    return torch.tensor(out[::-1], dtype=torch.float64)
+
+
+def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """A1111's KL-optimal schedule (AYS paper, Thm. 1): n + 1 sigmas evenly spaced in arctan sigma, max to min."""
+    u = torch.arange(n + 1, dtype=torch.float64) / n
+    return torch.tan(u * math.atan(sigma_min) + (1 - u) * math.atan(sigma_max))
+
+
+def linear_quadratic_sigmas(n: int, sigma_max: float, threshold: float = 0.025, linear_steps: int | None = None):
+    """ComfyUI's linear_quadratic (from Mochi): 1 - s falls linearly to `threshold` over the first half of the
+    steps, then quadratically to 1; scaled by sigma_max. n + 1 sigmas ending in 0."""
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    lin = n // 2 if linear_steps is None else linear_steps
+    quad = n - lin
+    diff = lin - threshold * n
+    qc = diff / (lin * quad ** 2)
+    lc = threshold / lin - 2 * diff / quad ** 2
+    const = qc * lin ** 2
+    ramp = [i * threshold / lin for i in range(lin)] + [qc * i * i + lc * i + const for i in range(lin, n)] + [1.0]
+    return torch.tensor([1.0 - v for v in ramp], dtype=torch.float64) * sigma_max
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """The p-quantile of the Beta(a, b) distribution, by bisection on the regularized incomplete beta I_x(a, b)."""
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _betainc(a, b, mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), with the symmetry I_x(a,b) = 1 - I_1-x(b,a)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-16:
+            break
+    return front * (f - 1.0)
+
+
+# Schedule names: ours, A1111's labels ("Karras", "SGM Uniform"), and ComfyUI's names.
+SCHEDULES = {  # name -> A1111 label; `automatic` is the sampler's own (samplers.SamplerSpec resolves it)
+    "automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+    "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim_uniform": "DDIM",
+    "beta": "Beta", "linear_quadratic": "Linear Quadratic",
+}
+SIGMA_KINDS = ("default",) + tuple(SCHEDULES)
+_SCHEDULE_ALIASES = {"ddim": "ddim_uniform", "sgmuniform": "sgm_uniform", "ays": "align_your_steps"}
+
+
+def _norm_schedule(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in " _-")
+
+
+# Normalized names and labels -> schedule, for splitting titles like "DPM++ 2M SGM Uniform".
+SCHEDULE_SUFFIXES = {**{_norm_schedule(k): k for k in SCHEDULES},
+                     **{_norm_schedule(v): k for k, v in SCHEDULES.items()}, **_SCHEDULE_ALIASES}
+
+
+def resolve_schedule(name: str) -> str:
+    """Our name of a schedule given by name, A1111 label or alias ('Karras', 'SGM Uniform', 'ddim')."""
+    key = _norm_schedule(name)
+    if key == "default":
+        return "default"
+    if key in SCHEDULE_SUFFIXES:
+        return SCHEDULE_SUFFIXES[key]
+    raise ValueError(f"unknown sigma schedule {name!r}; choose one of {', '.join(SIGMA_KINDS)} "
+                     f"(or A1111's labels {', '.join(repr(v) for v in SCHEDULES.values())})")
+
+
+def _uniform_t(schedule: Schedule, n: int, last: bool = True) -> torch.Tensor:
+    """Sigmas at n timesteps evenly spaced from T-1 down to 0 (or n of n+1, dropping 0), log-linear in sigma."""
+    T = schedule.num_timesteps
+    t = torch.linspace(T - 1, 0, n if last else n + 1, dtype=torch.float64)
+    return schedule.t_to_sigma(t if last else t[:-1])
+
+
+def _a1111_sigmas(schedule: Schedule, n: int, kind: str) -> torch.Tensor:
+    """The discretizations A1111's own samplers walk (no trailing 0: they stop at the smallest timestep).
+
+    a1111_timesteps: DDIM / PLMS / DDIM CFG++, timesteps range(0, T, T // n) + 1, run from the top down to t = 1
+    (n - 1 model calls; for n = 1, where A1111 makes none, one step to 0).
+    a1111_unipc: UniPC's time-uniform grid, n + 1 points from t = T-1 to 0 with log alpha interpolated in t.
+    a1111_lcm: LCM's 50-step grid (timesteps 19, 39, ..., 999), n points evenly spaced in its t, plus 0.
     """
+    T, sig = schedule.num_timesteps, schedule.sigmas
+    if kind == "a1111_timesteps":
+        ts = [min(t + 1, T - 1) for t in range(0, T, max(T // n, 1))]
+        if len(ts) == 1:  # one step: A1111 runs none and returns the noise; one step to 0 instead
+            return torch.cat([sig[ts], sig.new_zeros(1)])
+        return sig[torch.tensor(ts[::-1])]
+    if kind == "a1111_unipc":
+        t = torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)
+        la = 0.5 * schedule.alphas_cumprod.clamp(min=_ZERO_SNR_ABAR).log()
+        lo, hi = t.floor().long(), t.ceil().long()
+        w = t - t.floor()
+        la_t = (1 - w) * la[lo] + w * la[hi]
+        return torch.expm1(-2 * la_t).sqrt()
+    if kind == "a1111_lcm":
+        skip = T // 50
+        grid = sig[skip - 1::skip].log()  # timesteps skip-1, 2 skip-1, ..., T-1
+        t = (torch.linspace(T - 1, skip - 1, n, dtype=torch.float64) - (skip - 1)) / skip
+        t = t.clamp(0, len(grid) - 1)
+        lo, hi = t.floor().long(), t.ceil().long()
+        w = t - t.floor()
+        return torch.cat([((1 - w) * grid[lo] + w * grid[hi]).exp(), sig.new_zeros(1)])
+    raise ValueError(f"unknown A1111 discretization {kind!r}")
+
+
+def sampling_sigmas(schedule: Schedule, n: int, kind: str = "default", spacing: str = "trailing",
+                    steps_offset: int = 1, sdxl: bool = False) -> torch.Tensor:
+    """The float64 host sigmas of an n-step run, descending, ending in 0 (but see kl_optimal and a1111_*).
+
+    default: the sigmas at `timesteps(schedule, n, spacing, steps_offset)` (diffusers' spacings); fractional
+    timesteps (linspace) interpolate linearly in sigma, as diffusers' Euler-family schedulers do.
+    The rest are A1111's / ComfyUI's schedules over the model's sigma_min = sigmas[0], sigma_max = sigmas[T-1]:
+    uniform = normal (t evenly spaced from T-1 to 0), sgm_uniform (n of n+1 evenly spaced t, then 0), karras,
+    exponential, polyexponential (rho 1), simple (every T/n-th sigma from the top), ddim_uniform (every T//n-th
+    from t = 1, possibly n+1 of them), beta (A1111's: Beta(0.6, 0.6) quantiles placed linearly between sigma_min
+    and sigma_max), kl_optimal (A1111's: n+1 sigmas ending at sigma_min, no 0), linear_quadratic (ComfyUI's),
+    align_your_steps (the SD 1.5 table, SDXL's with sdxl=True).
+    """
+    kind = resolve_schedule(kind) if not kind.startswith("a1111_") else kind
+    T, sig = schedule.num_timesteps, schedule.sigmas
+    smin, smax = float(sig[0]), float(sig[-1])
+    if not 1 <= n <= T:
+        raise ValueError(f"number of sampling steps must be in 1..{T}, got {n}")
+    zero = sig.new_zeros(1)
     if kind == "default":
         t = timesteps(schedule, n, spacing, steps_offset)
-        lo = t.floor().long().clamp(0, schedule.num_timesteps - 1)
-        hi = t.ceil().long().clamp(0, schedule.num_timesteps - 1)
+        lo = t.floor().long().clamp(0, T - 1)
+        hi = t.ceil().long().clamp(0, T - 1)
         w = t - t.floor()
-        s = (1 - w) * schedule.sigmas[lo] + w * schedule.sigmas[hi]
-    elif kind == "karras":
-        s = karras_sigmas(n, float(schedule.sigmas[0]), float(schedule.sigmas[-1]))
-    elif kind == "exponential":
-        s = exponential_sigmas(n, float(schedule.sigmas[0]), float(schedule.sigmas[-1]))
-    else:
-        raise ValueError(f"unknown sigma schedule {kind!r}; choose one of {', '.join(SIGMA_KINDS)}")
-    return torch.cat([s, s.new_zeros(1)])
+        return torch.cat([(1 - w) * sig[lo] + w * sig[hi], zero])
+    if kind.startswith("a1111_"):
+        return _a1111_sigmas(schedule, n, kind)
+    if kind in ("uniform", "normal"):
+        return torch.cat([_uniform_t(schedule, n), zero])
+    if kind == "sgm_uniform":
+        return torch.cat([_uniform_t(schedule, n, last=False), zero])
+    if kind == "karras":
+        return torch.cat([karras_sigmas(n, smin, smax), zero])
+    if kind == "exponential":
+        return torch.cat([exponential_sigmas(n, smin, smax), zero])
+    if kind == "polyexponential":
+        return torch.cat([polyexponential_sigmas(n, smin, smax), zero])
+    if kind == "simple":
+        step = T / n
+        return torch.cat([sig[[T - 1 - int(x * step) for x in range(n)]], zero])
+    if kind == "ddim_uniform":
+        return torch.cat([sig[list(range(1, T, max(T // n, 1)))].flip(0), zero])
+    if kind == "beta":
+        q = [beta_ppf(1 - j / (n - 1) if n > 1 else 1.0, 0.6, 0.6) for j in range(n)]
+        return torch.tensor([smin + v * (smax - smin) for v in q] + [0.0], dtype=torch.float64)
+    if kind == "kl_optimal":
+        return kl_optimal_sigmas(n, smin, smax)
+    if kind == "linear_quadratic":
+        return linear_quadratic_sigmas(n, smax)
+    if kind == "align_your_steps":
+        return torch.cat([align_your_steps_sigmas(n, sdxl), zero])
+    raise ValueError(f"the schedule {kind!r} depends on the sampler; use samplers.get_sampler(name).sigmas(...)")

@@ -182,11 +182,14 @@ def split_state_dict(state: dict[str, torch.Tensor], unet_keys=(), ema: bool = F
     """Sort a file's keys by component: ({"unet", "vae", "text"} -> state dict, unexpected keys).
 
     Schedule buffers, position_ids and model_ema.* are accepted and dropped; with ema=True the U-Net weights
-    are taken from the EMA copies of `unet_keys` instead.
+    are taken from the EMA copies of `unet_keys` instead. diffusers' conversion scripts leave transformers' names
+    for two things in the open_clip parts: position_ids (dropped) and SDXL bigG's projection as a Linear weight.
     """
     parts = {"unet": {}, "vae": {}, "text": {}}
     hf_text, hf_l, unexpected = {}, {}, []
     for key, value in state.items():
+        if key.endswith(".text_model.embeddings.position_ids") and key.startswith((TEXT_PREFIX, SDXL_G_PREFIX)):
+            continue  # arange(77), under the name diffusers' scripts keep: not a weight
         if key.startswith(UNET_PREFIX):
             parts["unet"][key[len(UNET_PREFIX):]] = value
         elif key.startswith(VAE_PREFIX):
@@ -211,10 +214,15 @@ def split_state_dict(state: dict[str, torch.Tensor], unet_keys=(), ema: bool = F
         mapped, leftover = hf_clip_to_open_clip(hf_l)
         parts["text"].update({"clip_l." + k: v for k, v in mapped.items()})
         unexpected += [SDXL_L_PREFIX + k for k in leftover]
+    text = parts["text"]
+    if "clip_g.text_projection.weight" in text and "clip_g.text_projection" not in text:
+        # transformers' Linear weight is (out, in); open_clip's projection is applied as x @ P, so (in, out)
+        text["clip_g.text_projection"] = text.pop("clip_g.text_projection.weight").t().contiguous()
     if ema:
         found = [k for k in unet_keys if ema_key(k) in state]
         if not found:
-            raise CheckpointError("the checkpoint has no EMA weights (model_ema.*); load it without ema=True")
+            raise CheckpointError("the checkpoint has no EMA weights (model_ema.*) to choose; drop --ema "
+                                  "(ema=True in Python), which is for SD files that keep them beside the raw weights")
         parts["unet"] = {k: state[ema_key(k)] for k in found}
     return parts, unexpected
 
@@ -266,24 +274,26 @@ def detect_config(state: dict[str, torch.Tensor], metadata: dict[str, str], pred
                                   "cond_stage_model.model.* or conditioner.embedders.*), so this is not an "
                                   "SD 1.x / 2.x / SDXL single-file checkpoint")
         cfg = load_model_config(CONFIG_DIR / f"{preset}.yaml")
-        cfg = dataclasses.replace(cfg, unet=_unet_from_shapes(cfg.unet, state))
+        cfg = fit_text_config(dataclasses.replace(cfg, unet=_unet_from_shapes(cfg.unet, state)), state)
     if prediction is not None:
         cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, prediction=prediction))
     return cfg
 
 
-MAX_CONFIG_DEPTH = 4  # ModelConfig -> unet -> channel_mult -> a number: anything deeper is not a config
+MAX_CONFIG_DEPTH = 4  # containers: ModelConfig -> unet -> channel_mult is 3; anything deeper is not a config
 
 
 def _depth(obj) -> int:
-    """Nesting depth of parsed JSON, without recursion (a hostile file may nest thousands of levels)."""
+    """How many containers deep parsed JSON nests (a number is 0, [1] is 1), counted level by level without
+    recursion (a hostile file may nest thousands of levels) and only up to MAX_CONFIG_DEPTH + 1."""
     depth, level = 0, [obj]
-    while level:
-        depth += 1
-        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
-        if depth > MAX_CONFIG_DEPTH:
+    while depth <= MAX_CONFIG_DEPTH:
+        containers = [o for o in level if isinstance(o, (dict, list))]
+        if not containers:
             break
-    return depth - 1
+        depth += 1
+        level = [v for o in containers for v in (o.values() if isinstance(o, dict) else o)]
+    return depth
 
 
 def _ints(value) -> list:
@@ -383,6 +393,41 @@ def _mismatch_report(name: str, config: ModelConfig, parts, unexpected: list[str
             f"{len(unexpected)} unexpected keys{few(unexpected)}, {len(shaped)} mis-shaped keys{few(shaped)}")
 
 
+LOGIT_SCALE = 4.6052  # log(100): CLIP's temperature at the end of training (clamped there), as released files hold
+
+
+def fit_text_config(config: ModelConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """The SD 2.x text encoder that files from diffusers' convert_diffusers_to_original_stable_diffusion.py hold.
+
+    diffusers' SD 2.x text_encoder keeps 23 of OpenCLIP-H's 24 layers (the last one, which penultimate
+    conditioning never runs, is dropped) and no text_projection or logit_scale (SD 2.x conditioning uses neither),
+    and the script writes just that. Read as 23 layers with the last one's output and no projection, such a file
+    gives the same conditioning as the full one; CLIP skip then counts from its 23rd layer, as in diffusers.
+    """
+    text = config.text
+    if config.text2 is not None:
+        return config
+    stem = re.escape(TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\."
+    layers = {int(m[1]) for k in state if (m := re.match(stem, k))}
+    if text.output_layer == "penultimate" and layers and max(layers) + 1 == text.layers - 1:
+        text = dataclasses.replace(text, layers=text.layers - 1, output_layer="last")
+    if text.embed_dim and layers and not any(TEXT_PREFIX + k in state for k in ("text_projection", "logit_scale")):
+        text = dataclasses.replace(text, embed_dim=0)
+    return config if text == config.text else dataclasses.replace(config, text=text)
+
+
+def _complete_text(name: str, config: ModelConfig, text: dict[str, torch.Tensor]):
+    """Fills logit_scale where a file lacks it (it scales CLIP's image-text scores; generation never uses it), and
+    refuses an SDXL file without bigG's text_projection, which the pooled embedding the U-Net sees is made with."""
+    for prefix, cfg in (("", config.text),) if config.text2 is None else (("clip_g.", config.text2),):
+        if cfg.embed_dim and prefix + "logit_scale" not in text:
+            text[prefix + "logit_scale"] = torch.tensor(LOGIT_SCALE)
+    if config.text2 is not None and config.text2.embed_dim and "clip_g.text_projection" not in text:
+        raise CheckpointError(f"{name} has no {SDXL_G_PREFIX}text_projection (nor transformers' text_projection."
+                              f"weight): SDXL's pooled text embedding, part of the U-Net's conditioning, is made with "
+                              f"it; use a file that keeps the bigG text encoder's projection")
+
+
 def load_models(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
                 prediction: str | None = None, ema: bool = False, config: ModelConfig | None = None) -> Models:
     """Models from an SD 1.x / 2.x / SDXL or latentdiff single-file checkpoint, in eval mode, on `device` in `dtype`.
@@ -391,10 +436,15 @@ def load_models(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torc
     time, so peak memory is about the file plus the model in `dtype`.
     """
     state, metadata = load_file(path)
+    if ema and metadata.get("latentdiff.train.weights") == "ema":
+        raise CheckpointError(f"{path} is a latentdiff training checkpoint: its weights already are the EMA weights "
+                              f"(the trainer exports them), so drop --ema (ema=True in Python); --ema is for SD files "
+                              f"that keep EMA copies (model_ema.*) beside the raw weights")
     if config is None:
         config = detect_config(state, metadata, prediction, name=str(path))
     elif prediction is not None:
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, prediction=prediction))
+    config = fit_text_config(config, state)
     problem = config_problem(config, state)
     if problem:
         raise CheckpointError(f"{path}: cannot build the {config.name} model: {problem}")
@@ -407,6 +457,7 @@ def load_models(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torc
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     del state
+    _complete_text(str(path), config, parts["text"])
     report = _mismatch_report(str(path), config, parts, unexpected, models)
     if report:
         raise CheckpointError(report)

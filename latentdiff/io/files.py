@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -33,6 +34,18 @@ def atomic_write(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def model_name(path: str | Path) -> str:
+    """The name a model file goes by in PNG parameters (`Model:`) and a server's model list: its file name without
+    the suffix, as A1111's; a training checkpoint (RUN/ckpt-00001000/model.safetensors, all named alike) is named
+    after its run and step instead: RUN-step1000."""
+    path = Path(path)
+    step = re.fullmatch(r"ckpt-(\d+)", path.parent.name)
+    if step and path.stem == "model":
+        run = path.resolve().parent.parent.name or "run"
+        return f"{run}-step{int(step[1])}"
+    return path.stem
 
 
 def file_hash(path: str | Path) -> str:

@@ -2,7 +2,9 @@
 A1111's `parameters` text chunk (written atomically, read back)."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import re
 
@@ -112,6 +114,23 @@ def save_image(image: Image.Image | list[Image.Image], path: Path, parameters: s
             image.save(tmp, format="PNG", pnginfo=png_info(parameters))
 
 
+def quote(value):
+    """A value as A1111 writes it into the settings line: JSON-quoted when it holds a comma, colon or newline."""
+    if not isinstance(value, str) or not any(c in value for c in ",:\n"):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def unquote(value: str) -> str:
+    """Inverse of quote for a value parse_parameters read (it strips the quotes but not the escapes)."""
+    if "\\" not in value:
+        return value
+    try:
+        return json.loads(f'"{value}"')
+    except ValueError:
+        return value
+
+
 def format_parameters(p: dict) -> str:
     """The A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, ...`."""
     lines = [p["prompt"]]
@@ -120,11 +139,21 @@ def format_parameters(p: dict) -> str:
     fields = [("Steps", p["steps"]), ("Sampler", p["sampler"]), ("CFG scale", p["guidance"]),
               ("Seed", p["seed"]), ("Size", f"{p['width']}x{p['height']}"),
               ("Model hash", p.get("model_hash")), ("Model", p.get("model")),
-              ("Denoising strength", p.get("strength")), ("Clip skip", p.get("clip_skip")),
-              ("Guidance rescale", p.get("guidance_rescale") or None), ("Prediction", p.get("prediction")),
+              ("Denoising strength", p.get("strength")), ("Init image hash", p.get("init_image_hash")),
+              *[(k, quote(v)) for k, v in (p.get("extra") or {}).items()],  # inpainting, hires fix: A1111's keys
+              ("Clip skip", p.get("clip_skip")), ("Guidance rescale", p.get("guidance_rescale") or None),
+              ("Prediction", p.get("prediction")), ("Dtype", p.get("dtype")),
+              ("Lora hashes", f'"{p["lora_hashes"]}"' if p.get("lora_hashes") else None),  # quoted, as A1111
               ("Version", f"latentdiff {__version__}")]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
+
+
+def image_hash(image: Image.Image) -> str:
+    """The first 10 hex digits of the SHA-256 of an image's RGB pixels and size: an img2img PNG records its init
+    image's, so regenerating it can tell the same picture (in any file format) from another."""
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()[:10]
 
 
 def parse_parameters(text: str) -> dict:

@@ -72,10 +72,31 @@ def open_clip_module(name: str) -> types.ModuleType:
                 del sys.modules[key]
 
 
+class BoundedCache(dict):
+    """A dict that starts again from `keep` when it reaches `limit` entries. open_clip's tokenizer memoizes the BPE
+    split of every word it has seen, so a server tokenizing clients' prompts would grow without end (a few hundred
+    prompts of random words held 90,000 entries)."""
+
+    def __init__(self, keep: dict, limit: int):
+        super().__init__(keep)
+        self.keep, self.limit = dict(keep), limit
+
+    def __setitem__(self, key, value):
+        if len(self) >= self.limit:
+            self.clear()
+            self.update(self.keep)
+        super().__setitem__(key, value)
+
+
+TOKENIZER_CACHE_ENTRIES = 20_000  # about 4 MB of memoized words; more than a vocabulary's worth of English
+
+
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer():
     """open_clip's byte-pair tokenizer with the vocabulary bundled in the package (no downloads)."""
-    return open_clip_module("tokenizer").SimpleTokenizer()
+    tokenizer = open_clip_module("tokenizer").SimpleTokenizer()
+    tokenizer.cache = BoundedCache(tokenizer.cache, TOKENIZER_CACHE_ENTRIES)
+    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,7 @@ class TextEncoder(nn.Module):
         if cfg.pad not in ("eos", "zero"):
             raise ValueError(f"text.pad must be 'eos' or 'zero', got {cfg.pad!r}")
         self.config = cfg
+        self.embeddings: dict[str, torch.Tensor] = {}  # textual inversion (set_embeddings): not weights of the model
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         oc = open_clip_module("transformer")  # on use: a slow import
@@ -133,6 +155,45 @@ class TextEncoder(nn.Module):
 
     # ---- tokenization -------------------------------------------------------------------------------
 
+    def set_embeddings(self, embeddings: dict[str, torch.Tensor]):
+        """Textual-inversion embeddings {name: (n, width)}: a name in a prompt becomes its n vectors. They get token
+        ids past the vocabulary (in the order given), so tokens still say which vector goes where."""
+        self.embeddings = {k: v.to(self.token_embedding.weight) for k, v in embeddings.items()}
+        self._embedding_ids, start = {}, self.extra_id
+        for name, vectors in self.embeddings.items():
+            self._embedding_ids[name] = list(range(start, start + len(vectors)))
+            start += len(vectors)
+        names = sorted(self.embeddings, key=len, reverse=True)  # the longest name first: "cat-v2" before "cat"
+        self._embedding_pattern = re.compile(
+            r"(?<![\w-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w-])", re.IGNORECASE) if names else None
+
+    @property
+    def extra_id(self) -> int:
+        """The first token id past the vocabulary (and past CLIP's end token, which small test vocabularies lack)."""
+        return max(self.config.vocab_size, EOT + 1)
+
+    def encode_text(self, text: str) -> list[int]:
+        """BPE ids of a prompt, each textual-inversion name in it replaced by its vectors' ids."""
+        bpe = bpe_tokenizer()
+        pattern = getattr(self, "_embedding_pattern", None)
+        if pattern is None:
+            return bpe.encode(text)
+        ids, at = [], 0
+        lower = {k.lower(): k for k in self.embeddings}
+        for m in pattern.finditer(text):
+            ids += bpe.encode(text[at:m.start()]) + self._embedding_ids[lower[m[1].lower()]]
+            at = m.end()
+        return ids + bpe.encode(text[at:])
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """token_embedding, with the ids past the vocabulary read from the textual-inversion vectors."""
+        if not self.embeddings:
+            return self.token_embedding(tokens)
+        extra = tokens >= self.extra_id
+        x = self.token_embedding(tokens.masked_fill(extra, 0))
+        table = torch.cat(list(self.embeddings.values())).to(x.dtype)
+        return x.masked_scatter(extra[..., None], table[(tokens[extra] - self.extra_id)])
+
     def _wrap(self, ids: list[int]) -> list[int]:
         """[SOT] ids [EOT] padded to the context length."""
         n = self.config.context_length
@@ -143,14 +204,14 @@ class TextEncoder(nn.Module):
         """(B, 77) int64 token ids, truncated to 75 tokens between start and end, as CLIP's tokenizers do."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         bpe = bpe_tokenizer()
-        return torch.tensor([self._wrap(bpe.encode(p)) for p in prompts], dtype=torch.long)
+        return torch.tensor([self._wrap(self.encode_text(p)) for p in prompts], dtype=torch.long)
 
     def num_chunks(self, prompts: str | list[str]) -> int:
         """How many 75-token chunks the longest prompt needs (at least 1)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         per = self.config.context_length - 2
         bpe = bpe_tokenizer()
-        return max([1] + [-(-len(bpe.encode(p)) // per) for p in prompts])
+        return max([1] + [-(-len(self.encode_text(p)) // per) for p in prompts])
 
     def tokenize_chunks(self, prompts: str | list[str], min_chunks: int = 1) -> torch.Tensor:
         """(B, k, 77) ids: each prompt cut into 75-token chunks, each wrapped in start/end and padded (A1111-style).
@@ -164,7 +225,7 @@ class TextEncoder(nn.Module):
         bpe = bpe_tokenizer()
         rows = []
         for p in prompts:
-            ids = bpe.encode(p)
+            ids = self.encode_text(p)
             rows.append([self._wrap(ids[i * per:(i + 1) * per]) for i in range(k)])
         return torch.tensor(rows, dtype=torch.long)
 
@@ -192,7 +253,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"clip_skip must be between 1 and {cfg.layers} (1 = last layer), got {clip_skip}")
         tokens = tokens.to(self.token_embedding.weight.device)
         L = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:L]
+        x = self.embed_tokens(tokens) + self.positional_embedding[:L]
         # Causal mask: CLIP's text tower was trained left-to-right, so token i only sees tokens <= i.
         mask = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         n = cfg.layers - (skip - 1)
@@ -203,7 +264,8 @@ class TextEncoder(nn.Module):
         if not pooled:
             return hidden, None
         # The end token has the highest id, and the first one is where the prompt ends (open_clip's argmax).
-        eot = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        end = tokens.argmax(dim=-1) if not self.embeddings else (tokens == EOT).int().argmax(dim=-1)
+        eot = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), end]
         return hidden, eot @ self.text_projection
 
     def encode(self, prompts: str | list[str], clip_skip: int | None = None, min_chunks: int = 1) -> torch.Tensor:

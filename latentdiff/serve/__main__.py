@@ -10,8 +10,10 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
+from pathlib import Path
 
 from latentdiff import __version__
 from latentdiff.cli import UsageError, output_paths
@@ -37,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a non-loopback bind without auth (anyone who can reach the port can use it)")
     p.add_argument("--config", help="a YAML file with a `serve:` section of limits")
     p.add_argument("--outdir", help="where save_images=true writes PNGs (without it, nothing is written)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="LoRA / LyCORIS files for <lora:NAME:W> in prompts (GET /sdapi/v1/loras lists them)")
+    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                   help="textual-inversion embeddings, used by file name in prompts (GET /sdapi/v1/embeddings)")
+    p.add_argument("--upscaler-dir", action="append", default=[], metavar="DIR",
+                   help="ESRGAN-family .pth / .safetensors files for the hires fix's hr_upscaler, by file name")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps, cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--version", action="version", version=f"latentdiff {__version__}")
@@ -70,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.outdir:
             output_paths(os.path.join(args.outdir, ""), [])  # a folder we cannot write is a start-up error
         worker = Worker(find_checkpoints(args.checkpoint), config, args.device, args.dtype, args.outdir)
+        for folder in args.lora_dir + args.embeddings_dir:
+            if not os.path.isdir(folder):
+                raise UsageError(f"folder {folder} not found; --lora-dir and --embeddings-dir take existing folders")
+        worker.lora_dirs = [Path(d) for d in args.lora_dir]
+        worker.embeddings_dirs = [Path(d) for d in args.embeddings_dir]
+        worker.refresh_loras()
+        for folder in args.upscaler_dir:
+            if not os.path.isdir(folder):
+                raise UsageError(f"folder {folder} not found; --upscaler-dir takes existing folders")
+        worker.find_upscalers([Path(d) for d in args.upscaler_dir])
         try:
             worker.start()
         except ApiError as e:
@@ -95,10 +113,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (Basic auth on)' if credentials else ''}", file=sys.stderr, flush=True)
     app = create_app(worker, credentials, loopback=is_loopback(args.host))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False))
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM and then raises the signal again, to whatever handler was
+    # there before it: this one notes it, so the worker is closed and the stop is logged before an exit 0.
+    stopped_by: list[int] = []
+
+    def note_stop(signum, frame):
+        stopped_by.append(signum)
+        server.should_exit = True  # also before uvicorn has installed its own handler
+    previous = {sig: signal.signal(sig, note_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         worker.close()
+        why = f" ({signal.Signals(stopped_by[0]).name})" if stopped_by else ""
+        print(f"latentdiff: stopped serving at http://{shown}:{args.port}/{why}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -17,10 +17,11 @@ from typing import Callable
 from PIL import Image
 
 from latentdiff.cli import UsageError, output_paths, slug
-from latentdiff.io.files import file_sha256
+from latentdiff.io.files import file_sha256, model_name
 from latentdiff.serve.a1111 import ApiError, answer_info, infotext, png_base64, resolve_sampler, sampler_string
 
 log = logging.getLogger("latentdiff.serve")
+WORKER_DEAD = "The server's worker stopped after an internal error; see the server log and restart the server"
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class ServeConfig:
     max_queue: int = 32  # requests waiting behind the running one; more get 503 at once
     merge_images: int = 8  # waiting txt2img requests are merged into one U-Net batch of up to this many images
     max_body_mb: float = 50.0  # request bodies carry base64 images
-    max_prompt_chars: int = 10000  # per prompt; long prompts are encoded in 75-token chunks
+    max_prompt_chars: int = 10000  # per prompt, a bound on the tokenizer's work; the real limit is the next
+    max_prompt_chunks: int = 20  # 75-token chunks per prompt (1500 tokens): each adds 77 tokens of context to attend
     live_preview: bool = True  # /progress may return the predicted x0 of the first image
 
 
@@ -50,7 +52,7 @@ class Checkpoint:
 
     @property
     def model_name(self) -> str:
-        return self.path.stem
+        return model_name(self.path)  # training checkpoints by run and step, not all "model"
 
     @property
     def hash(self) -> str:
@@ -112,16 +114,25 @@ class Job:
     clip_skip: int | None = None
     init_image: Image.Image | None = None
     strength: float | None = None
+    mask: Image.Image | None = None  # inpainting, with its io.masks.InpaintOptions
+    inpaint: object = None
+    hires: object = None  # pipeline.Hires: the hires fix (txt2img)
     save: bool = False
     send: bool = True
+    warnings: list[str] = dataclasses.field(default_factory=list)  # for the answer's info (a size far from the model's)
+    loras: tuple = ()  # the <lora:NAME:...> tags of its prompt, (name, unet, te) sorted: one adapter set per U-Net batch
+    lora_hashes: str | None = None  # A1111's `Lora hashes` infotext value
+    chunks: int = 1  # 75-token chunks of the context its prompts are encoded into (the longest one's)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
     def key(self):
         """Jobs with equal keys can share one U-Net batch; img2img and multi-iteration jobs run alone."""
         if self.init_image is not None or len(self.seeds) > self.batch_size:
             return None
+        # The chunk count too: a batch encodes every prompt to its longest one's chunks, and the empty chunks a
+        # short prompt would be padded with change its image.
         return (self.checkpoint.sha256, self.steps, self.sampler, self.kind, self.cfg_scale, self.width,
-                self.height, self.clip_skip)
+                self.height, self.clip_skip, self.chunks, self.loras, self.hires)
 
 
 @dataclass
@@ -131,9 +142,20 @@ class Task:
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
-class _Interrupted(Exception):
-    def __init__(self, denoised):
-        self.denoised = denoised
+def settle(future: concurrent.futures.Future, result=None, error: BaseException | None = None):
+    """Answer a future unless its client already went away (a cancelled future cannot take an answer)."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def text_layers(config) -> int:
+    """How many layers CLIP skip may count back through: the text encoder's (SDXL: the smaller of its two)."""
+    return min(c.layers for c in (config.text, config.text2) if c is not None)
 
 
 @dataclass
@@ -174,6 +196,12 @@ class Worker:
         self.want_preview = threading.Event()
         self.closed = False
         self.batches = collections.deque(maxlen=1000)  # images per U-Net batch, latest last (tests, benchmarks)
+        self.lora_dirs: list[Path] = []  # where <lora:NAME> is found (--lora-dir); listed by refresh_loras
+        self.embeddings_dirs: list[Path] = []  # textual inversion (--embeddings-dir), read when a model loads
+        self.lora_files: dict[str, Path] = {}
+        self._hashes: dict[tuple, str] = {}
+        self.upscaler_files: dict[str, Path] = {}  # hires fix networks (--upscaler-dir), by file stem
+        self._upscalers: dict[str, object] = {}  # those loaded (io.upscalers.load_upscaler), kept for the next job
         self.thread = threading.Thread(target=self._loop, name="latentdiff-worker", daemon=True)
 
     def start(self):
@@ -210,12 +238,72 @@ class Worker:
             log.error("cannot load %s: %s", ckpt.path, e)
             raise ApiError(500, f"Model {ckpt.title} cannot be loaded; see the server log") from None
         self.loaded = ckpt
+        self.pipe.loras.dirs = list(self.lora_dirs)
+        self.load_embeddings()
         c = self.pipe.config
         title, kind = resolve_sampler(c.sampling.sampler, None, c.sampling.sampler)
         self.model_defaults[ckpt.sha256] = {
             "steps": c.sampling.steps, "cfg_scale": c.sampling.guidance, "width": c.image_size,
-            "height": c.image_size, "sampler_name": title, "scheduler": "automatic" if kind == "default" else kind,
-            "sampler": c.sampling.sampler, "size_multiple": self.pipe.size_multiple}
+            "height": c.image_size, "sampler_name": title, "scheduler": kind,
+            "sampler": c.sampling.sampler, "size_multiple": self.pipe.size_multiple,
+            "clip_layers": text_layers(c), "chunk_tokens": c.text.context_length - 2}
+
+    def find_upscalers(self, folders: list[Path]) -> None:
+        """The hires fix's networks: the .pth / .safetensors files of these folders, by stem (A1111's names)."""
+        from latentdiff.io.upscalers import SUFFIXES
+        self.upscaler_files = {f.stem: f for d in folders for f in sorted(Path(d).iterdir()) if f.suffix in SUFFIXES}
+
+    def upscaler(self, name: str):
+        """A hires fix upscaler by name: a built-in one's name, or the network file of that stem, loaded once."""
+        from latentdiff.io.upscalers import UpscalerError, load_upscaler
+        from latentdiff.models.upscalers import BUILT_IN
+        if name in BUILT_IN:
+            return name
+        if name not in self.upscaler_files:
+            raise ApiError(422, f"hr_upscaler {name!r} not found: GET /sdapi/v1/upscalers and "
+                                f"/sdapi/v1/latent-upscale-modes list the names")
+        if name not in self._upscalers:
+            import torch
+            from latentdiff.pipeline import pick_device
+            device = pick_device(self.device)
+            try:
+                self._upscalers[name] = load_upscaler(self.upscaler_files[name], device,
+                                                      torch.float16 if device.type == "cuda" else torch.float32)
+            except UpscalerError as e:
+                log.error("%s", e)
+                raise ApiError(422, f"hr_upscaler {name!r} cannot be loaded; see the server log") from None
+        return self._upscalers[name]
+
+    def refresh_loras(self) -> dict[str, Path]:
+        """List the LoRA folders again (A1111's refresh-loras): {name: file}."""
+        from latentdiff.io.adapters import list_adapters
+        self.lora_files = list_adapters(self.lora_dirs)
+        return self.lora_files
+
+    def lora_hash(self, name: str) -> str:
+        """A1111's short hash of a listed LoRA, hashed once per version of the file."""
+        from latentdiff.io.adapters import short_hash
+        path = self.lora_files[name]
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = short_hash(path)
+        return self._hashes[key]
+
+    def load_embeddings(self):
+        """Give the loaded model the embeddings in the folders (on the worker thread, or before it starts)."""
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.pipe.set_embeddings_dirs(self.embeddings_dirs)
+        for w in caught:
+            log.warning("%s", w.message)
+
+    def public(self, message: str) -> str:
+        """An adapter error for a client: the server's folders taken out (no answer carries paths)."""
+        for folder in self.lora_dirs:
+            message = message.replace(str(Path(folder).resolve()) + os.sep, "").replace(str(folder) + os.sep, "")
+        return message
 
     def defaults(self, ckpt: Checkpoint | None = None) -> dict:
         """What a request that leaves a field out gets: the model's own settings (those of the first model
@@ -228,6 +316,8 @@ class Worker:
         with self.cond:
             if self.closed:
                 raise ApiError(503, "Server is shutting down")
+            if self.dead:
+                raise ApiError(503, WORKER_DEAD)
             if len(self.waiting) >= self.config.max_queue:
                 raise ApiError(503, f"Queue is full ({self.config.max_queue} requests waiting); try again later")
             self.waiting.append(job)
@@ -244,34 +334,49 @@ class Worker:
         with self.cond:
             return len(self.waiting)
 
+    @property
+    def dead(self) -> bool:
+        """The worker thread ended without being closed (a bug): nothing queued would ever run."""
+        return self.thread.ident is not None and not self.thread.is_alive() and not self.closed
+
     # The worker thread -------------------------------------------------------------------------
 
     def _loop(self):
-        while True:
-            group = self._take()
-            if group is None:
-                return
-            self._run_group(group)
+        try:
+            while (group := self._take()) is not None:
+                self._run_group(group)
+        finally:  # closed, or an error no job caught: no request may be left waiting on a thread that is gone
+            with self.cond:
+                stranded, self.running, self.waiting = self.running + list(self.waiting), [], collections.deque()
+            for job in stranded:
+                settle(job.future, error=ApiError(503, "Server is shutting down" if self.closed else WORKER_DEAD))
+            if not self.closed:
+                log.error("the worker thread stopped; every request now answers 503 until the server is restarted")
 
     def _take(self) -> list | None:
         """Wait for work; return the next job with the waiting ones that can share its batch (or a Task alone),
         now running. None once closed: whatever still waits is answered 503."""
         with self.cond:
-            while not self.waiting and not self.closed:
-                self.cond.wait()
-            if self.closed:
-                for job in self.waiting:
-                    job.future.set_exception(ApiError(503, "Server is shutting down"))
-                return None
-            group = [self.waiting.popleft()]
-            key = group[0].key() if isinstance(group[0], Job) else None
+            while True:
+                while not self.waiting and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return None  # _loop answers whatever still waits
+                head = self.waiting.popleft()
+                # Marked running, so that its client can no longer cancel it; False: it was cancelled while waiting
+                # (the client went away) and is dropped.
+                if head.future.set_running_or_notify_cancel():
+                    break
+            group = [head]
+            key = head.key() if isinstance(head, Job) else None
             if key is not None:
-                n = len(group[0].seeds)
+                n = len(head.seeds)
                 for job in list(self.waiting):
                     if isinstance(job, Job) and job.key() == key and n + len(job.seeds) <= self.config.merge_images:
-                        group.append(job)
                         self.waiting.remove(job)
-                        n += len(job.seeds)
+                        if job.future.set_running_or_notify_cancel():
+                            group.append(job)
+                            n += len(job.seeds)
             self.running = group
             self.stop.clear()
             return group
@@ -289,25 +394,22 @@ class Worker:
             self.running = []
             self.progress = Progress()
         for i, job in enumerate(group):
-            if error is None:
-                job.future.set_result(results[i])
-            else:
-                job.future.set_exception(error)
+            settle(job.future, None if error is not None else results[i], error)
 
     def _run(self, group: list[Job]) -> list[dict]:
         """Run merged jobs (or one job's n_iter iterations) through the pipeline; returns one answer per job."""
         import torch
-        from latentdiff.io.images import to_pil
         head = group[0]
         self.load(head.checkpoint)
         pipe = self.pipe
-        try:  # again for this model: the request was checked against the one loaded then
-            pipe.check(steps=head.steps, height=head.height, width=head.width, guidance=head.cfg_scale,
-                       strength=head.strength)
-        except ValueError as e:
-            raise ApiError(422, str(e)) from None
+        self._check(pipe, head)
         chunks = self._chunks(group)
         prompts = [p for j in group for p in j.prompts]
+        from latentdiff.io.adapters import AdapterError
+        try:  # the group's one adapter set, applied now: a file that does not fit this model is the client's 422
+            pipe.loras.activate(prompts)
+        except AdapterError as e:
+            raise ApiError(422, self.public(str(e))) from None
         negatives = [n for j in group for n in j.negatives]
         seeds = [s for j in group for s in j.seeds]
         stamp = time.strftime("%Y%m%d%H%M%S")
@@ -325,16 +427,14 @@ class Worker:
             self.batches.append(b - a)
             gens = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[a:b]]
             img2img = {"init_image": head.init_image, "strength": head.strength} if head.init_image is not None else {}
-            try:
-                result = pipe(prompts[a:b], negatives[a:b], num_images=1, seed=seeds[a], generators=gens,
-                              steps=head.steps, sampler=sampler_string(head.sampler, head.kind),
-                              guidance=head.cfg_scale, height=head.height, width=head.width,
-                              clip_skip=head.clip_skip, callback=self._step_callback(pipe), progress=False,
-                              **img2img)
-                images += result.images
-            except _Interrupted as e:  # as A1111: the images as far as they got (here: their predicted x0)
-                with torch.no_grad():
-                    images += to_pil(pipe.decode(e.denoised))
+            img2img.update(mask=head.mask, inpaint=head.inpaint, hires=head.hires)
+            result = pipe(prompts[a:b], negatives[a:b], num_images=1, seed=seeds[a], generators=gens,
+                          steps=head.steps, sampler=sampler_string(head.sampler, head.kind), guidance=head.cfg_scale,
+                          height=head.height, width=head.width, clip_skip=head.clip_skip,
+                          callback=self._step_callback(pipe), progress=False, **img2img)
+            images += result.images  # interrupted, as A1111: the images as far as they got (the running ones' x0)
+            head.warnings += [n for n in result.notes if n not in head.warnings]  # a mask resized to the picture
+            if result.interrupted:
                 interrupted = True
                 break
         answers, k = [], 0
@@ -343,6 +443,19 @@ class Worker:
             answers.append(self._answer(job, images[k:k + n], interrupted, stamp))
             k += len(job.seeds)
         return answers
+
+    @staticmethod
+    def _check(pipe, head: Job):
+        """The request again, against the model now loaded (it was checked against the one loaded then)."""
+        layers = text_layers(pipe.config)
+        if head.clip_skip is not None and head.clip_skip > layers:
+            raise ApiError(422, f"CLIP_stop_at_last_layers must be in 1..{layers} for {head.checkpoint.title} "
+                                f"(got {head.clip_skip})")
+        try:
+            pipe.check(steps=head.steps, height=head.height, width=head.width, guidance=head.cfg_scale,
+                       strength=head.strength, tokens=head.chunks * pipe.config.text.context_length)
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
 
     @staticmethod
     def _chunks(group: list[Job]) -> list[tuple[int, int]]:
@@ -356,17 +469,20 @@ class Worker:
     def _step_callback(self, pipe) -> Callable:
         """The pipeline's per-step callback: progress, a live preview when one was asked for, and interrupts."""
         from latentdiff.io.images import to_pil
+        from latentdiff.pipeline import Interrupted
 
         def on_step(info):
-            with self.cond:
-                self.progress.sampling_step = info["i"] + 1
+            part, parts = info["part"]  # the pipeline's own batches (a batch too large for the device is split)
+            with self.cond:  # over all of them, so progress never goes back; img2img runs fewer steps than asked
+                self.progress.sampling_steps = info["steps"] * parts
+                self.progress.sampling_step = part * info["steps"] + info["i"] + 1
             if self.live_preview and self.want_preview.is_set():
                 self.want_preview.clear()
                 preview = png_base64(to_pil(pipe.decode(info["denoised"][:1]))[0])
                 with self.cond:
                     self.progress.preview = preview
             if self.stop.is_set():
-                raise _Interrupted(info["denoised"])
+                raise Interrupted
         return on_step
 
     def _answer(self, job: Job, images: list, interrupted: bool, stamp: str) -> dict:

@@ -1,6 +1,7 @@
 """The `train:` section of a training config, and the whole file (model:, data:, train:) checked before any work."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -10,6 +11,19 @@ from latentdiff.diffusion import process
 from latentdiff.diffusion.schedule import Schedule
 from latentdiff.io.checkpoint import config_problem
 from latentdiff.io.config import ConfigError, ModelConfig, from_dict, load_yaml
+from latentdiff.models.lora_train import TARGETS
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """train.lora: train low-rank factors on the frozen base, saved as a kohya LoRA / LoCon file."""
+    rank: int = 16  # kohya's network_dim
+    alpha: float = 16.0  # the delta is scaled by alpha / rank (kohya's network_alpha)
+    # attn: attention q/k/v/out; ff: feed-forward; proj: the transformers' proj_in/out (these three: kohya's
+    # default network); resblock: ResBlock and resampler convs, 3x3 included (LoCon)
+    targets: tuple[str, ...] = ("attn", "ff", "proj")
+    text_encoder: bool = False  # also train factors on the text encoder's attention / MLP (the same targets)
+    dropout: float = 0.0  # on each down projection's output, while training (kohya's network_dropout)
 
 
 @dataclass(frozen=True)
@@ -20,6 +34,11 @@ class TrainConfig:
     warmup_steps: int = 500
     lr_schedule: Literal["cosine", "constant"] = "constant"
     min_lr_ratio: float = 0.0  # the cosine schedule ends at lr * min_lr_ratio
+    # The cosine's length in steps (0: train.steps). A resume keeps the length of the run it continues, so raising
+    # train.steps there trains on at the schedule's end value instead of jumping back up the curve; set
+    # train.reschedule=true to stretch the schedule over the new train.steps (the LR change is logged).
+    lr_schedule_steps: int = 0
+    reschedule: bool = False
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -34,7 +53,12 @@ class TrainConfig:
     # U-Net stage from scratch on a trained VAE: the VAE (weights and scale_factor) from this checkpoint, the U-Net
     # and text encoder fresh from model: (so model.diffusion, model.unet, ... overrides apply)
     init_vae: str | None = None
+    # U-Net stage with neither init nor init_vae: the VAE stays random and frozen, so the U-Net learns latents no
+    # decoder can turn back into pictures and the result draws noise. Refused unless this is true (pipeline tests,
+    # benchmarks: configs/train-tiny.yaml sets it); then the run says so loudly.
+    allow_untrained_vae: bool = False
     train_text_encoder: bool = False  # U-Net stage: train the text encoder with the U-Net instead of freezing it
+    lora: LoraConfig | None = None  # U-Net stage: train only LoRA factors (see LoraConfig); None: full fine-tuning
     loss_weighting: Literal["simple", "min_snr", "vlb"] = "simple"
     # U-Net stage: draw t = floor(T * u^(1 / (1 + b))), u uniform, so P(t < k) = (k / T)^(1 + b): b > 0 spends more
     # of the batch at high noise, where the text alone has to decide what is drawn; 0: uniform
@@ -61,6 +85,13 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10  # checked at the log steps (skipped steps change no weights meanwhile)
 
 
+UNTRAINED_VAE = (
+    "train.stage=unet with neither train.init nor train.init_vae trains the U-Net on a random, untrained VAE: "
+    "the loss falls but the model draws noise. Fine-tune a trained model instead (configs/finetune-emoji.yaml, "
+    "or --train.init=FILE for an SD or latentdiff checkpoint), or train the VAE first (--train.stage=vae) and "
+    "pass its checkpoint as --train.init_vae=FILE; --train.allow_untrained_vae=true runs it anyway (pipeline tests)")
+
+
 def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None, DataConfig, TrainConfig]:
     """A training config file: `model:` (optional with train.init), `data:` and `train:` sections."""
     raw = load_yaml(path, overrides)
@@ -78,10 +109,14 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
     if train.init_vae is not None and (train.init is not None or train.stage != "unet"):
         raise ConfigError("train.init_vae starts a U-Net stage from scratch on a trained VAE: use it with "
                           "train.stage=unet and without train.init")
+    if train.stage == "unet" and train.init is None and train.init_vae is None and not train.allow_untrained_vae:
+        raise ConfigError(UNTRAINED_VAE)
     checks = [
         (train.steps >= 1, f"train.steps must be at least 1 (got {train.steps})"),
         (math.isfinite(train.lr) and train.lr >= 0, f"train.lr must be a number >= 0 (got {train.lr})"),
         (train.warmup_steps >= 0, f"train.warmup_steps must be at least 0 (got {train.warmup_steps})"),
+        (train.lr_schedule_steps >= 0,
+         f"train.lr_schedule_steps must be at least 0, 0 meaning train.steps (got {train.lr_schedule_steps})"),
         (math.isfinite(train.grad_clip) and train.grad_clip >= 0,
          f"train.grad_clip must be >= 0, 0 turning clipping off (got {train.grad_clip})"),
         (train.timestep_bias >= 0.0, f"train.timestep_bias must be at least 0, 0 being uniform (got {train.timestep_bias})"),
@@ -98,6 +133,7 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
          "train.train_text_encoder needs train.stage=unet"),
         (train.vae_trainable == "all" or (train.stage == "vae" and train.init is not None),
          "train.vae_trainable=decoder fine-tunes a trained VAE: it needs train.stage=vae and train.init"),
+        *lora_checks(train),
     ]
     for ok, message in checks:
         if not ok:
@@ -108,6 +144,25 @@ def load_config(path, overrides: dict | None = None) -> tuple[ModelConfig | None
             raise ConfigError(f"model: {problem}")
         check_weighting(model, train)
     return model, data, train
+
+
+def lora_checks(train: TrainConfig) -> list[tuple[bool, str]]:
+    """What train.lora needs that does not depend on the model (the rank's upper bound does: the trainer checks it)."""
+    lora = train.lora
+    if lora is None:
+        return []
+    unknown = sorted(set(lora.targets) - set(TARGETS))
+    return [
+        (train.stage == "unet", "train.lora trains LoRA factors on the U-Net (and text encoder): it needs "
+                                "train.stage=unet, not the VAE stage"),
+        (not train.train_text_encoder, "train.lora with train.train_text_encoder would train the whole text encoder "
+                                       "too: use train.lora.text_encoder=true for LoRA factors on it"),
+        (lora.rank >= 1, f"train.lora.rank must be at least 1 (got {lora.rank})"),
+        (math.isfinite(lora.alpha) and lora.alpha > 0, f"train.lora.alpha must be a number > 0 (got {lora.alpha})"),
+        (bool(lora.targets) and not unknown,
+         f"train.lora.targets: {', '.join(unknown) or 'none given'}; use some of {', '.join(TARGETS)}"),
+        (0.0 <= lora.dropout < 1.0, f"train.lora.dropout must be in [0, 1) (got {lora.dropout})"),
+    ]
 
 
 def check_weighting(model: ModelConfig, train: TrainConfig):
@@ -121,11 +176,35 @@ def check_weighting(model: ModelConfig, train: TrainConfig):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0, then constant or cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warm-up from 0, then constant or cosine decay to lr * min_lr_ratio at the schedule's last step
+    (train.lr_schedule_steps, else train.steps), held there after it."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, schedule_steps(cfg) - cfg.warmup_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def schedule_steps(cfg: TrainConfig) -> int:
+    """The LR schedule's length in steps."""
+    return cfg.lr_schedule_steps or cfg.steps
+
+
+def resumed_schedule(cfg: TrainConfig, saved: dict, step: int) -> tuple[TrainConfig, str | None]:
+    """The config a resume at `step` trains with, given the `train:` section the checkpoint was written with, and a
+    line for the log when the LR schedule differs from the run's: the run's length is kept unless train.reschedule."""
+    before = dataclasses.replace(cfg, lr_schedule_steps=saved.get("lr_schedule_steps") or saved["steps"])
+    if not cfg.reschedule:
+        if cfg.steps == saved["steps"] or cfg.lr_schedule == "constant":
+            return before, None
+        return before, (f"train.steps is {cfg.steps} (the run was for {saved['steps']}): the LR schedule keeps the "
+                        f"run's length of {schedule_steps(before)} steps, so step {step} trains at lr "
+                        f"{lr_at(step, before):.3g}; --train.reschedule=true stretches it over {cfg.steps} steps")
+    after = dataclasses.replace(cfg, lr_schedule_steps=cfg.lr_schedule_steps or cfg.steps)
+    if schedule_steps(after) == schedule_steps(before):
+        return after, None
+    return after, (f"train.reschedule: the LR schedule now spans {schedule_steps(after)} steps (was "
+                   f"{schedule_steps(before)}); the lr at step {step} goes from {lr_at(step, before):.3g} to "
+                   f"{lr_at(step, after):.3g}")

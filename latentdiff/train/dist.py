@@ -14,6 +14,7 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    host_group: object = None  # a gloo group for the per-step stop flag, whatever the device's backend
 
     @property
     def main(self) -> bool:
@@ -38,7 +39,18 @@ def setup_distributed() -> Dist:
         # many nodes run the same code.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 **({"device_id": device} if device.type == "cuda" else {}))
-    return Dist(rank, local_rank, world_size, device)
+    host_group = dist.new_group(backend="gloo") if world_size > 1 else None
+    return Dist(rank, local_rank, world_size, device, host_group)
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """Whether flag is set on any rank. A CPU all-reduce over gloo: the ranks' hosts meet, but nothing waits for the
+    device's queue (an NCCL all-reduce would have to be read back, a device sync every step)."""
+    if not d.enabled:
+        return flag
+    x = torch.tensor([float(flag)])
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=d.host_group)
+    return x.item() > 0
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

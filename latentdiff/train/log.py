@@ -76,14 +76,23 @@ def save_samples(path: Path, models: Models, ema: EMA, cfg: TrainConfig, data_cf
                  fixed_batch: dict | None):
     """A grid from the EMA weights: prompts for the U-Net stage, originals over reconstructions for the VAE."""
     if cfg.stage == "unet":
-        m = Models(models.config, ema.modules["unet"], models.vae, ema.modules.get("text", models.text))
+        m = Models(models.config, ema.modules.get("unet", models.unet), models.vae,
+                   ema.modules.get("text", models.text))
+        live = ema.source.get("lora")  # train.lora: the EMA factors go into the live layers for the grid
+        raw = {k: v.clone() for k, v in live.state_dict().items()} if live is not None else None
+        if live is not None:
+            live.load_state_dict(ema.modules["lora"].state_dict())
         training = {k: getattr(m, k).training for k in ("unet", "vae", "text")}
-        pipe = Pipeline(m, device=device, dtype=torch.float32)
+        # Eager: a CUDA graph per grid would be captured once and thrown away, with its memory pool, while the
+        # loader's threads may be calling CUDA (a capture fails on their work).
+        pipe = Pipeline(m, device=device, dtype=torch.float32, cuda_graphs=False)
         images = pipe(list(cfg.sample_prompts), steps=cfg.sample_steps, sampler=cfg.sample_sampler,
                       guidance=cfg.sample_guidance, seed=cfg.seed, height=data_cfg.resolution,
                       width=data_cfg.resolution, progress=False).images
         for k, was in training.items():
             getattr(m, k).train(was)
+        if live is not None:
+            live.load_state_dict(raw)
         rows = [images]
     else:
         vae = ema.modules["vae"]

@@ -30,6 +30,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,9 @@ from latentdiff.diffusion.schedule import Schedule
 from latentdiff.io.checkpoint import Models, build_models as build_fresh, load_models
 from latentdiff.io.config import ConfigError, ModelConfig, to_dict
 from latentdiff.io.files import atomic_write
-from latentdiff.train.config import TrainConfig, check_weighting, lr_at
-from latentdiff.train.dist import Dist, all_gather, all_reduce_sum, barrier, setup_distributed
+from latentdiff.train.config import TrainConfig, check_weighting, lr_at, resumed_schedule, schedule_steps
+from latentdiff.train.dist import Dist, all_gather, all_reduce_sum, any_rank, barrier, setup_distributed
+from latentdiff.train import lora as train_lora
 from latentdiff.train.log import Logger, save_samples
 from latentdiff.train.losses import EMA, UNetLoss, VAELoss
 from latentdiff.train.state import load_state, move_aside_after, resume_point, save_checkpoint, set_rng_state, \
@@ -93,7 +95,13 @@ class Tokenizer:
 
 class StopRequested:
     """SIGTERM / SIGINT set a flag; the loop saves at the end of the step. Loader workers ignore both signals
-    (data.ignore_stop_signals), so a signal to the whole process group stops the run the same way."""
+    (data.ignore_stop_signals), so a signal to the whole process group stops the run the same way.
+
+    Under torchrun the ranks agree on the flag after every step (dist.any_rank: one all-reduce of one float over
+    gloo, on the host), so all of them stop at the end of the step in which the first rank got the signal, or of
+    the next step when it came after that step's check (during a checkpoint or a sample grid). The worst case from
+    signal to saved checkpoint: the rest of the step, any checkpoint or grid under way, one more step, the save.
+    torchrun's agent passes a SIGTERM on to the ranks and kills them --shutdown-timeout (30) seconds later."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -128,6 +136,7 @@ class Run:
     counters: dict = dataclasses.field(default_factory=lambda: {"nonfinite_steps": 0, "skipped_samples": 0})
     config_dict: dict = dataclasses.field(default_factory=dict)
     fixed_batch: dict | None = None  # VAE stage: the first 8 images, for sample grids and the latent scale factor
+    notes: list[str] = dataclasses.field(default_factory=list)  # for train.log once it is open
 
     @property
     def autocast(self) -> torch.autocast:
@@ -146,8 +155,11 @@ def trained_modules(models: Models, cfg: TrainConfig) -> tuple[dict[str, nn.Modu
         trained = {"unet": models.unet} | ({"text": models.text} if cfg.train_text_encoder else {})
         frozen = ["vae"] + ([] if cfg.train_text_encoder else ["text"])
         schedule = Schedule.from_config(models.config.diffusion)
-        loss_module = UNetLoss(models, schedule, cfg.train_text_encoder, cfg.loss_weighting, cfg.min_snr_gamma,
+        loss_module = UNetLoss(models, schedule, trains_text(cfg), cfg.loss_weighting, cfg.min_snr_gamma,
                                cfg.timestep_bias)
+        if cfg.lora is not None:  # only the factors train; a submodule of the loss, so DDP syncs their gradients
+            trained, frozen = {"lora": train_lora.attach(models, cfg.lora, cfg.seed)}, ["unet", "vae", "text"]
+            loss_module.lora = trained["lora"]
         models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     else:
         if cfg.gradient_checkpointing:
@@ -162,6 +174,11 @@ def trained_modules(models: Models, cfg: TrainConfig) -> tuple[dict[str, nn.Modu
         for m in (models.vae.encoder, models.vae.quant_conv):
             m.eval().requires_grad_(False)
     return trained, loss_module
+
+
+def trains_text(cfg: TrainConfig) -> bool:
+    """Whether gradients flow through the text encoder (trained whole, or LoRA factors on it)."""
+    return cfg.train_text_encoder or (cfg.lora is not None and cfg.lora.text_encoder)
 
 
 def make_optimizer(trained: dict[str, nn.Module], cfg: TrainConfig) -> tuple[list, torch.optim.Optimizer]:
@@ -183,8 +200,20 @@ def setup(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     if state is not None and state["config"]["train"]["stage"] != cfg.stage:
         raise ConfigError(f"{ckpt_path} is a {state['config']['train']['stage']}-stage checkpoint; "
                           f"this config trains the {cfg.stage} stage")
-    models = load_models(ckpt_path / "model.safetensors", device=d.device, dtype=torch.float32) \
-        if state is not None else build_models(model_cfg, cfg, d.device)
+    if state is not None and ("lora" in state["model"]) != (cfg.lora is not None):
+        raise ConfigError(f"{ckpt_path} is a {'LoRA' if 'lora' in state['model'] else 'full fine-tuning'} checkpoint; "
+                          f"resume it with{'' if 'lora' in state['model'] else 'out'} train.lora, as it was trained")
+    notes = []
+    if state is not None:  # the run's LR schedule, unless train.reschedule asks for the new train.steps'
+        cfg, note = resumed_schedule(cfg, state["config"]["train"], int(state["step"]))
+        notes += [note] if note else []
+    if state is not None and cfg.lora is None:
+        models = load_models(ckpt_path / "model.safetensors", device=d.device, dtype=torch.float32)
+    else:  # a LoRA checkpoint holds the factors only: the base is built again as at the start
+        models = build_models(model_cfg, cfg, d.device)
+        if state is not None and to_dict(models.config) != state["config"]["model"]:
+            raise ConfigError(f"{ckpt_path} holds LoRA factors for another base model: resume with the run's "
+                              f"train.init and model: section")
     if cfg.stage == "unet" and models.config.text2 is not None:
         raise SystemExit("error: training an SDXL U-Net is not supported (its pooled-text and size conditioning "
                          "are not in the trainer); the VAE stage works, or train an SD 1.x / 2.x layout")
@@ -197,7 +226,8 @@ def setup(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     params, opt = make_optimizer(trained, cfg)
     gen = torch.Generator(d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank noise and timesteps
     use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
-    run = Run(d, cfg, data_cfg, Path(cfg.out_dir), models, trained, loss_module, params, ema, opt, gen, use_bf16)
+    run = Run(d, cfg, data_cfg, Path(cfg.out_dir), models, trained, loss_module, params, ema, opt, gen, use_bf16,
+              notes=notes)
     if state is not None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -210,7 +240,7 @@ def setup(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     if d.enabled:
         run.model = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-            find_unused_parameters=cfg.train_text_encoder)  # a penultimate-layer text encoder leaves params unused
+            find_unused_parameters=trains_text(cfg))  # a penultimate-layer text encoder leaves params unused
     if cfg.compile:  # in place: the module keeps its parameter names, DDP and EMA see the same tensors
         (models.unet if cfg.stage == "unet" else models.vae).compile()
     run.config_dict = {"model": to_dict(models.config), "data": to_dict(data_cfg), "train": to_dict(cfg)}
@@ -245,6 +275,12 @@ def open_run_dir(run: Run, resumed_from: Path | None) -> Logger:
              + (f"resumed from {resumed_from.name} at step {run.step}" if resumed_from is not None
                 else f"initialised from {cfg.init}" if cfg.init is not None
                 else f"from scratch on the VAE of {cfg.init_vae}" if cfg.init_vae is not None else "from scratch"))
+    if cfg.stage == "unet" and cfg.init is None and cfg.init_vae is None:
+        log.info("WARNING: this U-Net trains on a random, untrained VAE (train.allow_untrained_vae): it will draw "
+                 "noise however low the loss goes. For a model that draws, fine-tune one (train.init) or train the "
+                 "VAE first and pass it as train.init_vae")
+    for note in run.notes:
+        log.info(note)
     return log
 
 
@@ -336,14 +372,12 @@ def train_step(run: Run, batches, window: Window):
     run.step += 1
 
 
-def log_window(run: Run, window: Window, stop_here: bool, log: Logger, start_time: float) -> bool:
-    """The host syncs of a log step: the device numbers, and across ranks the images, the stop flag (so every
-    rank stops at the same step) and the skipped samples. Returns whether any rank was asked to stop."""
+def log_window(run: Run, window: Window, log: Logger, start_time: float):
+    """The host syncs of a log step: the device numbers, and across ranks the images and the skipped samples."""
     cfg, d, step, counters = run.cfg, run.d, run.step, run.counters
     loss_total, finite, nonfinite, norm_value, limit_at = torch.cat(
         [window.sums, window.grad_norm.double().view(1), window.limit_step.double().view(1)]).tolist()
-    images, stop_ranks = all_reduce_sum(torch.tensor([window.images, float(stop_here)],
-                                                     dtype=torch.float64, device=d.device), d).tolist()
+    images = all_reduce_sum(torch.tensor([window.images], dtype=torch.float64, device=d.device), d).item()
     window.fold(counters)
     if nonfinite:
         log.info(f"step {step}: {int(nonfinite)} step(s) with a non-finite loss or gradient norm in the "
@@ -362,14 +396,15 @@ def log_window(run: Run, window: Window, stop_here: bool, log: Logger, start_tim
                  "skipped_samples": counters["skipped_samples"], "elapsed_s": now - start_time})
     window.sums.zero_()
     window.t, window.images = now, 0
-    return stop_ranks > 0
 
 
 def checkpoint(run: Run, window: Window, log: Logger):
     window.fold(run.counters)  # the saved counters include a partial log window
     path = save_checkpoint(run.out_dir, run.step, run.models, run.trained, run.ema, run.opt, run.gen,
                            run.config_dict, run.counters, run.d, run.cfg.keep_last,
-                           run.fixed_batch["pixels"] if run.estimate_scale else None)
+                           run.fixed_batch["pixels"] if run.estimate_scale else None,
+                           train_lora.metadata(run.models, run.cfg.lora, run.step, run.cfg.init)
+                           if run.cfg.lora else None)
     log.info(f"step {run.step}: saved {path}")
 
 
@@ -386,12 +421,25 @@ def ranks_in_sync(run: Run, log: Logger) -> bool:
 # The loop
 
 
+def finished(run: Run, ckpt_path: Path):
+    """A resume of a run that already reached train.steps: say so, and how to train on."""
+    if run.d.main:
+        print(f"{ckpt_path} is already at step {run.step} and train.steps is {run.cfg.steps}: nothing to train. To "
+              f"train on, raise it (--resume auto --train.steps=N, N > {run.step}); the LR schedule then keeps the "
+              f"run's {schedule_steps(run.cfg)} steps unless you add --train.reschedule=true", file=sys.stderr)
+    if run.d.enabled:
+        dist.destroy_process_group()
+
+
 def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig, resume: str | None = None) -> int:
     """The training loop; returns the final step. Runs alone or under torchrun."""
     d = setup_distributed()
     check_data(data_cfg, world_size=d.world_size)  # a data mistake fails now, before anything is written
     ckpt_path = resume_point(resume, Path(cfg.out_dir), d)
     run = setup(model_cfg, data_cfg, cfg, d, ckpt_path)
+    if ckpt_path is not None and run.step >= cfg.steps:
+        finished(run, ckpt_path)
+        return run.step
     log = open_run_dir(run, ckpt_path)
     stop, loader = StopRequested(), None
     try:
@@ -407,12 +455,9 @@ def train(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
                                  f"Restart with --resume auto")
             train_step(run, batches, window)
             log.advance()
-            stop_flag = stop.flag
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-                stop_flag = log_window(run, window, stop.flag, log, start_time)
-            elif d.enabled:
-                stop_flag = False  # ranks agree on a stop at the log steps only
-            if stop_flag:
+                log_window(run, window, log, start_time)
+            if any_rank(stop.flag, d):  # every rank stops at the same step (StopRequested says when)
                 log.info(f"step {run.step}: stop requested (SIGTERM/SIGINT); saving and exiting")
                 checkpoint(run, window, log)
                 break

@@ -72,8 +72,20 @@ class VAELoss(nn.Module):
         return rec_loss + self.kl_weight * posterior.kl().float().mean()
 
 
+def _chunks(a: list[torch.Tensor], b: list[torch.Tensor], limit: int):
+    """(a[i:j], b[i:j]) runs of the two lists holding about `limit` elements each."""
+    start, size = 0, 0
+    for i, t in enumerate(a):
+        size += t.numel()
+        if size >= limit or i == len(a) - 1:
+            yield a[start:i + 1], b[start:i + 1]
+            start, size = i + 1, 0
+
+
 class EMA:
     """Exponential moving average of the trained modules (copies in float32, never trained)."""
+
+    CHUNK = 1 << 25  # elements per foreach call of update(): a 128 MB float32 temporary at most (one tensor more)
 
     def __init__(self, modules: dict[str, nn.Module], decay: float, warmup: bool):
         self.decay, self.warmup = decay, warmup
@@ -96,10 +108,16 @@ class EMA:
         weight = 1.0 - self.current_decay()
         if ok is not None:
             weight = weight * ok
+        weight = weight.float()
         for k, m in self.source.items():
-            ema = [p for p in self.modules[k].parameters()]
             src = [p if p.dtype == torch.float32 else p.float() for p in m.parameters()]  # no_grad: no detach
-            torch._foreach_lerp_(ema, src, weight.float())  # ema = d * ema + (1 - d) * p
+            # ema += (1 - d) * (p - ema). The weight stays a device tensor: _foreach_mul_ has a Tensor overload,
+            # whereas _foreach_lerp_ takes a Scalar weight and would read it back to the host on every step. In
+            # chunks, so the temporary p - ema never holds more than CHUNK elements (a U-Net's copy would not).
+            for ema, new in _chunks(list(self.modules[k].parameters()), src, self.CHUNK):
+                diff = torch._foreach_sub(new, ema)
+                torch._foreach_mul_(diff, weight)
+                torch._foreach_add_(ema, diff)
             for be, bs in zip(self.modules[k].buffers(), m.buffers()):
                 be.copy_(bs if ok is None else torch.where(ok, bs, be))
         self.count += 1 if ok is None else ok

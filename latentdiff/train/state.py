@@ -14,6 +14,8 @@ import torch.nn as nn
 
 from latentdiff.io.checkpoint import Models, save_models
 from latentdiff.io.config import ConfigError
+from latentdiff.io.files import atomic_write
+from latentdiff.train import lora
 from latentdiff.train.dist import Dist, all_gather, barrier, broadcast
 from latentdiff.train.losses import EMA
 
@@ -27,7 +29,8 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     if out_dir.is_dir():
         for p in out_dir.iterdir():
             m = CKPT_RE.match(p.name)
-            if m and p.is_dir() and (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
+            exported = (p / "model.safetensors").is_file() or (p / lora.FILE).is_file()  # train.lora: the factors
+            if m and p.is_dir() and (p / "state.pt").is_file() and exported:
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -58,10 +61,13 @@ def estimate_scale_factor(vae, pixels: torch.Tensor) -> float:
 
 def save_checkpoint(out_dir: Path, step: int, models: Models, trained: dict[str, nn.Module], ema: EMA,
                     opt: torch.optim.Optimizer, gen: torch.Generator, config: dict, counters: dict,
-                    d: Dist, keep_last: int, scale_batch: torch.Tensor | None = None) -> Path:
+                    d: Dist, keep_last: int, scale_batch: torch.Tensor | None = None,
+                    lora_meta: dict[str, str] | None = None) -> Path:
     """Every rank sends its RNG state to rank 0, which writes a temp directory and renames it (atomic).
 
     With scale_batch (VAE stage), the exported config's vae.scale_factor is estimated from it with the EMA VAE.
+    A train.lora run (trained == {"lora": ...}) exports the EMA factors as a kohya file with lora_meta, in the
+    checkpoint and as out_dir/lora.safetensors, instead of the whole model.
     """
     rngs = all_gather(rng_state(gen), d)  # RNG of every rank, so a resume continues each rank's stream
     final = out_dir / f"ckpt-{step:08d}"
@@ -69,13 +75,10 @@ def save_checkpoint(out_dir: Path, step: int, models: Models, trained: dict[str,
         tmp = out_dir / f".tmp-ckpt-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        exported = Models(models.config, **{k: ema.modules.get(k, getattr(models, k)) for k in ("unet", "vae", "text")})
-        if scale_batch is not None:
-            vae_cfg = dataclasses.replace(exported.config.vae,
-                                          scale_factor=estimate_scale_factor(exported.vae, scale_batch))
-            exported = dataclasses.replace(exported, config=dataclasses.replace(exported.config, vae=vae_cfg))
-        save_models(tmp / "model.safetensors", exported.config, exported.unet, exported.vae, exported.text,
-                    extra_metadata={"latentdiff.train.step": step, "latentdiff.train.weights": "ema"})
+        if "lora" in ema.modules:
+            lora.save(tmp / lora.FILE, ema.modules["lora"], lora_meta)
+        else:
+            _export_model(tmp / "model.safetensors", models, ema, step, scale_batch)
         state = {
             "step": step,
             "model": {k: m.state_dict() for k, m in trained.items()},
@@ -94,10 +97,24 @@ def save_checkpoint(out_dir: Path, step: int, models: Models, trained: dict[str,
         if final.exists():  # never deleted: a run moves newer checkpoints aside when it starts (move_aside_after)
             move_aside_after(out_dir, step - 1)
         os.replace(tmp, final)
+        if "lora" in ema.modules:  # the newest factors where a user looks for them
+            with atomic_write(out_dir / lora.FILE) as latest:
+                shutil.copyfile(final / lora.FILE, latest)
         for _, old in list_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return final
+
+
+def _export_model(path: Path, models: Models, ema: EMA, step: int, scale_batch: torch.Tensor | None):
+    """The EMA weights (the untrained modules as they are) as a latentdiff checkpoint."""
+    exported = Models(models.config, **{k: ema.modules.get(k, getattr(models, k)) for k in ("unet", "vae", "text")})
+    if scale_batch is not None:
+        vae_cfg = dataclasses.replace(exported.config.vae,
+                                      scale_factor=estimate_scale_factor(exported.vae, scale_batch))
+        exported = dataclasses.replace(exported, config=dataclasses.replace(exported.config, vae=vae_cfg))
+    save_models(path, exported.config, exported.unet, exported.vae, exported.text,
+                extra_metadata={"latentdiff.train.step": step, "latentdiff.train.weights": "ema"})
 
 
 def move_aside_after(out_dir: Path, step: int) -> Path | None:

@@ -32,7 +32,61 @@ async function setup() {
 function request() {
   const body = {};
   for (const k of FIELDS) body[k] = NUMBERS.has(k) ? Number($(k).value) : $(k).value;
+  if (picture.data) {  // img2img, and inpainting where the mask is painted
+    Object.assign(body, { init_images: [picture.data], denoising_strength: Number($("denoising_strength").value) });
+    if (picture.painted) Object.assign(body, {
+      mask: $("mask").toDataURL("image/png"), mask_blur: Number($("mask_blur").value),
+      inpainting_fill: Number($("inpainting_fill").value), inpaint_full_res: $("inpaint_full_res").checked,
+      inpaint_full_res_padding: 32 });
+  }
   return body;
+}
+
+// The picture to start from and its mask: painted white (opaque) where the picture is to change; the server reads a
+// transparent PNG's alpha as the mask, as A1111 does.
+const picture = { data: null, painted: false };
+
+function loadPicture(file) {
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      for (const id of ["picture", "mask"]) { $(id).width = img.naturalWidth; $(id).height = img.naturalHeight; }
+      $("picture").getContext("2d").drawImage(img, 0, 0);
+      picture.data = reader.result; picture.painted = false;
+      $("canvas_box").hidden = false;
+      const m = Number($("width").step) || 8;  // the picture's size, in the model's multiples
+      $("width").value = Math.max(m, Math.floor(img.naturalWidth / m) * m);
+      $("height").value = Math.max(m, Math.floor(img.naturalHeight / m) * m);
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function brush() {
+  const canvas = $("mask"), ctx = canvas.getContext("2d");
+  let last = null;
+  const at = (e) => {
+    const r = canvas.getBoundingClientRect();
+    return [(e.clientX - r.left) * canvas.width / r.width, (e.clientY - r.top) * canvas.height / r.height];
+  };
+  const stroke = (to) => {
+    const scale = canvas.width / canvas.getBoundingClientRect().width;
+    ctx.globalCompositeOperation = $("erase").checked ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = "#fff";
+    ctx.lineWidth = Number($("brush").value) * scale; ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath(); ctx.moveTo(...(last || to)); ctx.lineTo(...to); ctx.stroke();
+    last = to; picture.painted = true;
+  };
+  canvas.addEventListener("pointerdown", (e) => { canvas.setPointerCapture(e.pointerId); last = null; stroke(at(e)); });
+  canvas.addEventListener("pointermove", (e) => { if (last) stroke(at(e)); });
+  for (const ev of ["pointerup", "pointercancel"]) canvas.addEventListener(ev, () => { last = null; });
+  $("clear_mask").addEventListener("click", () => { ctx.clearRect(0, 0, canvas.width, canvas.height); picture.painted = false; });
+  $("clear_picture").addEventListener("click", () => {
+    picture.data = null; picture.painted = false; $("init_file").value = ""; $("canvas_box").hidden = true;
+  });
+  $("init_file").addEventListener("change", (e) => { if (e.target.files[0]) loadPicture(e.target.files[0]); });
 }
 
 function reuse(params) {
@@ -67,7 +121,7 @@ async function generate(ev) {
   $("bar").style.width = "0"; $("status").textContent = "starting"; $("preview").hidden = true;
   polling = setInterval(poll, 250);
   try {
-    const r = await api("txt2img", body);
+    const r = await api(body.init_images ? "img2img" : "txt2img", body);
     const info = JSON.parse(r.info);
     for (let i = r.images.length - 1; i >= 0; i--)  // prepended last first, so a batch reads in seed order
       addResult(r.images[i], info.infotexts[i], Object.assign({}, r.parameters, { seed: info.all_seeds[i], batch_size: 1 }));
@@ -82,5 +136,6 @@ async function generate(ev) {
 }
 
 $("form").addEventListener("submit", generate);
+brush();
 $("interrupt").addEventListener("click", () => api("interrupt", {}));
 setup().catch((e) => { $("status").textContent = "error: " + e.message; });
