@@ -90,6 +90,7 @@ setup(
                       "safetensors>=0.4", "pillow", "tqdm", "pyyaml",
                       "fastapi>=0.165", "uvicorn>=0.23"],  # python -m latentdiff.serve (the fastapi tested)
     extras_require={"data": ["emoji>=2.10"],  # emoji aliases for `python -m latentdiff.data emoji`
+                    "upscalers": ["spandrel>=0.4"],  # ESRGAN-family files for the hires fix's --hires-upscaler
                     "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "emoji>=2.10",
                              "requests", "webuiapi>=0.9", "selenium>=4.10",  # serve: A1111's client, the page
                              "import-linter>=2.1",  # the layers contract in pyproject.toml
@@ -97,7 +98,8 @@ setup(
                              # samplers against k-diffusion's sampling.py: its own needs (k-diffusion itself is
                              # installed with --no-deps, see the README's test command: its dctorch pins numpy<2),
                              # and lark for A1111's prompt grammar
-                             "torchsde>=0.2.5", "torchdiffeq>=0.2", "scipy>=1.8", "lark>=1.1"]},
+                             "torchsde>=0.2.5", "torchdiffeq>=0.2", "scipy>=1.8", "lark>=1.1",
+                             "spandrel>=0.4"]},  # hires fix: a super-resolution file read as users' are
     entry_points={"console_scripts": ["latentdiff-generate=latentdiff.generate:main",
                                       "latentdiff-serve=latentdiff.serve.__main__:main"]},
 )
