@@ -555,7 +555,7 @@ class Pipeline:
         score matrix.
         """
         size = torch.finfo(self.dtype).bits // 8
-        u, v = self.config.unet, self.config.vae
+        u = self.config.unet
         f = self.vae.latent_factor
         h, w = -(-height // f), -(-width // f)
         skips, widest = u.model_channels * h * w, 0

@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import io
 import json
-import math
 
 import numpy as np
 import pytest
@@ -127,7 +126,8 @@ def test_bad_masks_are_one_line_errors():
                        ({"padding": -3}, "padding"), ({"noise_multiplier": float("nan")}, "noise multiplier")):
         with pytest.raises(MaskError, match=match):
             InpaintOptions(**bad)
-    assert InpaintOptions(fill=2).fill == "latent noise" and InpaintOptions(fill="Latent_Nothing").fill == "latent nothing"
+    assert InpaintOptions(fill=2).fill == "latent noise"
+    assert InpaintOptions(fill="Latent_Nothing").fill == "latent nothing"
 
 
 # ---- masked img2img on an ordinary model ----------------------------------------------------------------------
@@ -264,7 +264,8 @@ def test_generate_inpaints_outpaints_and_regenerates_from_png(tmp_path, capsys, 
 @pytest.mark.parametrize("extra,expect", [
     (["--mask", "{d}/missing.png"], "cannot read --mask"), (["--mask", "{d}/notes.txt"], "cannot read --mask"),
     (["--mask", "{d}/black.png"], "all black"), (["--mask", "{d}/white.png"], "all white"),
-    (["--mask-blur", "-2", "--mask", "{d}/mask.png"], "--mask-blur"), (["--mask-blur", "3"], "only applies to inpainting"),
+    (["--mask-blur", "-2", "--mask", "{d}/mask.png"], "--mask-blur"),
+    (["--mask-blur", "3"], "only applies to inpainting"),
     (["--outpaint", "1,2"], "--outpaint must be 4"), (["--outpaint", "0,0,0,0"], "at least one side"),
     (["--mask", "{d}/mask.png", "--outpaint", "8,0,0,0"], "drop --mask"),
     (["--inpaint-full-res-padding", "-1", "--mask", "{d}/mask.png"], "padding"),
@@ -317,7 +318,8 @@ def diffusers_inpaint(models, schedule):
     cfg, file = models.config, state_dict_for(models)
     original = {"model": {"params": {
         "unet_config": {"params": dataclasses.asdict(cfg.unet)},
-        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": dataclasses.asdict(cfg.vae) | {"double_z": True}}},
+        "first_stage_config": {"params": {"embed_dim": 4,
+                                          "ddconfig": dataclasses.asdict(cfg.vae) | {"double_z": True}}},
         "scale_factor": cfg.vae.scale_factor}}}
     ucfg = create_unet_diffusers_config_from_ldm(original, file) | {"norm_num_groups": cfg.unet.norm_groups}
     unet = UNet2DConditionModel(**ucfg).eval()
@@ -489,11 +491,12 @@ def test_full_size_sd15_inpainting_checkpoint_matches_diffusers():
     assert rel(ours, theirs) < 1e-4, rel(ours, theirs)
 
 
-@pytest.mark.slow  # 60 generations with the bundled model: minutes on 2 CPU cores
+@pytest.mark.slow  # the emoji set rendered, 60 generations with the bundled model: minutes on 2 CPU cores
 def test_bundled_model_inpainting_half_an_emoji_names_it_at_least_as_often_as_img2img():
-    """30 emoji spread over the set, each repainted with its own caption: the right half under a mask, or the whole
-    picture by plain img2img at the same strength. evaluate's measure (the nearest of the 30 references in 16x16
-    pixels is the emoji itself) must be at least as good for the masked run."""
+    """30 emoji spread over the set, each repainted with its own caption at strength 1: the right half under a
+    mask, or the whole picture by plain img2img. evaluate's measure, the nearest reference in 16x16 pixels among the
+    whole emoji set (about 1,400), must name the emoji at least as often for the masked run; and the repainted half
+    alone must be nearest to its own emoji's half for at least 27 of the 30 (2026-12-07: 29 masked, 30 img2img)."""
     from latentdiff.data.emoji import _emoji_entries, emoji_captions, find_emoji_font, load_emoji_font, render_emoji
     from latentdiff.data.loader import DataError
     from latentdiff.evaluate import features, nearest_hits, uint8_batch
@@ -502,15 +505,26 @@ def test_bundled_model_inpainting_half_an_emoji_names_it_at_least_as_often_as_im
     except DataError as e:
         pytest.skip(str(e))
     entries, _ = _emoji_entries(font, False)
-    rows = entries[::len(entries) // 30][:30]
-    refs = [render_emoji(font, text, 64) for text, _, _ in rows]
-    prompts = [emoji_captions(name, aliases)[0] for _, name, aliases in rows]
+    chosen = set(range(0, len(entries), len(entries) // 30)[:30])
+    order = sorted(chosen) + [i for i in range(len(entries)) if i not in chosen]  # the 30 first: row i is target i
+    refs = [render_emoji(font, entries[i][0], 64) for i in order]
+    assert all(r is not None for r in refs[:30])
+    refs = uint8_batch([r for r in refs if r is not None])
+    prompts = [emoji_captions(entries[i][1], entries[i][2])[0] for i in sorted(chosen)]
     pipe = Pipeline.from_checkpoint(device="cpu")
     half = box_mask((64, 64), (32, 0, 64, 64))
-    top1 = {}
+    scores = {}
     for masked in (False, True):
-        out = [pipe(p, init_image=im, mask=half if masked else None, strength=1.0, steps=10, seed=i,
-                    progress=False).images[0] for i, (im, p) in enumerate(zip(refs, prompts))]
-        top1[masked] = nearest_hits(features(uint8_batch(out), 16), features(uint8_batch(refs), 16))[0]
-    print(f"top-1 of 30: img2img {top1[False]:.3f}, right half inpainted {top1[True]:.3f}")
-    assert top1[True] >= top1[False]
+        out = uint8_batch([pipe(p, init_image=to_pil_image(refs[i]), mask=half if masked else None, strength=1.0,
+                                steps=10, seed=i, progress=False).images[0] for i, p in enumerate(prompts)])
+        whole = nearest_hits(features(out, 16), features(refs, 16))[0]
+        right = nearest_hits(features(out[..., 32:], 16), features(refs[..., 32:], 16))[0]
+        scores[masked] = (whole, right)
+    print(f"top-1 among {len(refs)} emoji, 30 generated (whole picture, right half): img2img {scores[False]}, "
+          f"right half inpainted {scores[True]}")
+    assert scores[True][0] >= scores[False][0]
+    assert scores[True][1] >= 0.9
+
+
+def to_pil_image(pixels: torch.Tensor) -> Image.Image:
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())

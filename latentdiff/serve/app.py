@@ -266,7 +266,9 @@ def make_job(worker: Worker, req, init_image=None, mask=None) -> Job:
     chunks = prompt_chunks(req, cfg, d, config, problems)
     loras, lora_hashes = prompt_loras(worker, req.prompt, problems)
     inpaint = None if mask is None else inpaint_options(req, mask, init_image, problems)
-    hires = hires_options(worker, req, d, (width, height, m), problems) if req.enable_hr and init_image is None else None
+    hires = None
+    if req.enable_hr and init_image is None:  # A1111's img2img has no hires fix
+        hires = hires_options(worker, req, d, (width, height, m), problems)
     if problems:
         raise ApiError(422, "; ".join(problems))
     if init_image is not None and not (inpaint and inpaint.full_res):  # "only masked" crops the picture as it is

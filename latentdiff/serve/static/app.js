@@ -82,7 +82,9 @@ function brush() {
   canvas.addEventListener("pointerdown", (e) => { canvas.setPointerCapture(e.pointerId); last = null; stroke(at(e)); });
   canvas.addEventListener("pointermove", (e) => { if (last) stroke(at(e)); });
   for (const ev of ["pointerup", "pointercancel"]) canvas.addEventListener(ev, () => { last = null; });
-  $("clear_mask").addEventListener("click", () => { ctx.clearRect(0, 0, canvas.width, canvas.height); picture.painted = false; });
+  $("clear_mask").addEventListener("click", () => {
+    ctx.clearRect(0, 0, canvas.width, canvas.height); picture.painted = false;
+  });
   $("clear_picture").addEventListener("click", () => {
     picture.data = null; picture.painted = false; $("init_file").value = ""; $("canvas_box").hidden = true;
   });
