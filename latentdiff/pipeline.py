@@ -22,7 +22,8 @@ from latentdiff.io.masks import InpaintOptions, Inpainting, prepare as prepare_i
 from latentdiff.diffusion.process import guidance_rescale
 from latentdiff.diffusion.samplers import A1111_TITLES, NoiseSampler, get_sampler
 from latentdiff.diffusion.schedule import SCHEDULES, Schedule
-from latentdiff.models.prompts import encode as encode_weighted, encode_dual, prompt_schedule, text_at_call
+from latentdiff.models.prompts import count_chunks, encode as encode_weighted, encode_dual, prompt_schedule, \
+    text_at_call
 from latentdiff.models.text_encoder import DualTextEncoder
 from latentdiff.models.unet import micro_conditioning
 from latentdiff.models.upscalers import BUILT_IN, LATENT_MODES, ModelUpscaler, upscale_image, upscale_latents
@@ -641,11 +642,22 @@ class Pipeline:
                              f"(got {seed})")
         self.max_batch(height, width, guidance, tokens)
 
-    def context_tokens(self, texts: list[str]) -> int:
-        """The length of the context these prompts are encoded into together: 77 tokens per 75-token chunk of the
-        longest."""
+    def context_tokens(self, texts: list[str], steps: int = 1, prompt_syntax: bool = True) -> int:
+        """The length of the context these prompts are encoded into together over `steps` steps: 77 tokens per
+        chunk of the longest, as the encoder cuts it (models.prompts.count_chunks: BREAK, commas, embeddings)."""
         enc = getattr(self.text, "clip_l", self.text)  # SDXL's two encoders cut prompts into the same chunks
-        return enc.num_chunks(texts) * enc.config.context_length
+        return count_chunks(enc, texts, steps, prompt_syntax) * enc.config.context_length
+
+    def hires_tokens(self, hires: Hires | None, texts: list[str], negs: list[str], steps: int, guidance: float,
+                     prompt_syntax: bool = True) -> int | None:
+        """The context of the hires pass (as context_tokens), or None without one: its own prompts, the first
+        pass's where it has none, over its own steps; it may be longer than the first pass's."""
+        if hires is None:
+            return None
+        hires.check(self.schedule.num_timesteps)  # its steps bound the schedule read here
+        texts = texts if hires.prompt is None else [hires.prompt]
+        negs = negs if hires.negative_prompt is None else [hires.negative_prompt]
+        return self.context_tokens(texts + (negs if guidance != 1.0 else []), hires.steps or steps, prompt_syntax)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int | None = None,
@@ -684,11 +696,14 @@ class Pipeline:
             raise ValueError(f"got {len(negs) // num_images} negative prompts for {len(prompts) // num_images} prompts")
         B = len(prompts)
         texts, lora_hashes = self.loras.activate(prompts)  # <lora:NAME:w> tags applied, and taken out of the text
-        tokens = self.context_tokens(texts + negs)
+        # guidance 1 encodes no negative prompt; steps past the schedule are refused by check, not read here
+        tokens = self.context_tokens(texts + (negs if guidance != 1.0 else []),
+                                     min(steps, self.schedule.num_timesteps), prompt_syntax)
         self.check(steps=steps, height=height, width=width, guidance=guidance,
                    strength=strength if init_image is not None else None, seed=seed, count=B, tokens=tokens)
         job = self._inpainting(init_image, mask, inpaint, (width, height))
-        hires_sizes = self.hires_sizes(hires, width, height, init_image, steps, guidance, tokens)
+        hires_tokens = self.hires_tokens(hires, texts, negs, steps, guidance, prompt_syntax)
+        hires_sizes = self.hires_sizes(hires, width, height, init_image, steps, guidance, hires_tokens)
         seeds = [seed + i for i in range(B)]
         if generators is None:
             generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
@@ -700,7 +715,7 @@ class Pipeline:
         # and gives the same images.
         chunk = self.max_batch(height, width, guidance, tokens)
         if hires_sizes is not None:  # the second pass runs on the same chunks
-            chunk = min(chunk, self.max_batch(hires_sizes[1][1], hires_sizes[1][0], guidance, tokens))
+            chunk = min(chunk, self.max_batch(hires_sizes[1][1], hires_sizes[1][0], guidance, hires_tokens))
         settings = dict(spec=spec, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                         size=(width, height), init_image=init_image, strength=strength, clip_skip=clip_skip,
                         callback=callback, trajectory=trajectory, progress=progress, backend=backend,
@@ -846,7 +861,8 @@ class Pipeline:
         return prepare_inpainting(init_image, mask, size, options or InpaintOptions())
 
     def hires_sizes(self, hires, width, height, init_image, steps, guidance, tokens):
-        """((w, h) upscaled to, (w, h) of the second pass) with both checked against the model, or None."""
+        """((w, h) upscaled to, (w, h) of the second pass) with both checked against the model, or None (tokens:
+        the second pass's context, hires_tokens)."""
         if hires is None:
             return None
         if init_image is not None:

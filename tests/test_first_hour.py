@@ -246,11 +246,12 @@ def test_from_png_of_img2img_needs_its_init_image(tmp_path, capsys, tiny_checkpo
     assert rc == 0 and np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "i2i.png"))
 
 
-def test_from_png_reproduces_a_bf16_image(tmp_path, capsys, tiny_checkpoint):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_from_png_reproduces_a_half_precision_image(tmp_path, capsys, tiny_checkpoint, dtype):
     ck = ["--checkpoint", tiny_checkpoint]
-    rc, _ = generate(capsys, "a cat", *ck, "--steps", 3, "--seed", 4, "--device", "cpu", "--dtype", "bf16",
+    rc, _ = generate(capsys, "a cat", *ck, "--steps", 3, "--seed", 4, "--device", "cpu", "--dtype", dtype,
                      "-o", tmp_path / "half.png")
-    assert rc == 0 and params_of(tmp_path / "half.png")["Dtype"] == "bf16"
+    assert rc == 0 and params_of(tmp_path / "half.png")["Dtype"] == dtype
     rc, _ = generate(capsys, "a cat", *ck, "--steps", 3, "--seed", 4, "--device", "cpu", "-o", tmp_path / "fp32.png")
     assert rc == 0 and params_of(tmp_path / "fp32.png")["Dtype"] == "fp32"
     assert not np.array_equal(pixels(tmp_path / "half.png"), pixels(tmp_path / "fp32.png"))  # the dtype matters
@@ -375,8 +376,9 @@ def readme_command(prefix: str) -> list[str]:
 
 def test_readme_finetune_of_the_bundled_model_still_draws(tmp_path, capsys, monkeypatch):
     """The README's first training path, run as written from the repository root on a few captioned emoji (the
-    bundled model's own drawings, made here), for 12 steps instead of 1,000 and with the folders in tmp_path: the
-    result must still draw what each caption names."""
+    bundled model's own drawings, made here), for 12 steps instead of 1,000, at the config's learning rate from the
+    first step (no warm-up: 12 warm-up steps would barely move it) and with the folders in tmp_path: the result must
+    still draw what each caption names."""
     from latentdiff.io.checkpoint import BUNDLED, load_file
     from latentdiff.pipeline import Pipeline
     prompts = ["a cat", "a pizza", "a rocket", "a red heart", "a ghost", "a snowman", "a frog", "a tulip"]
@@ -395,7 +397,7 @@ def test_readme_finetune_of_the_bundled_model_still_draws(tmp_path, capsys, monk
     out = tmp_path / "run"
     monkeypatch.chdir(ROOT)  # train.init in the config is a path from the clone's root, where the README runs
     assert train_main.main(args + [f"--train.out_dir={out}", "--train.steps=12", "--train.checkpoint_every=12",
-                                   "--data.batch_size=8"]) == 0
+                                   "--train.warmup_steps=0", "--data.batch_size=8"]) == 0
     ckpt = out / "ckpt-00000012" / "model.safetensors"
     tuned, bundled = load_file(ckpt)[0], load_file(BUNDLED)[0]
     assert any(not torch.equal(tuned[k].float(), bundled[k].float()) for k in bundled)  # it did train

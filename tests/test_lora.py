@@ -424,8 +424,9 @@ def test_lycoris_formats_and_dora_match_a_float64_merge(sd1, kind, dora, mult, t
         want[module] = w0.double() + reference_delta(kind if kind != "lora" else "lora", tensors, w0, mult)
     if kind == "lora":  # and the CP form of LoCon on the 3x3 conv
         conv = "lora_unet_up_blocks_0_resnets_1_conv1"
-        w0 = _weight(models, *targets[conv][1:]) if False else _weight(models, *targets[conv])
+        w0 = _weight(models, *targets[conv])
         cp = lycoris_tensors("locon_cp", tuple(w0.shape), g, dora=dora)
+        assert w0.shape[-2:] == cp["lora_mid.weight"].shape[-2:] == (3, 3)  # a 3x3 kernel in the Tucker core
         state = {k: v for k, v in state.items() if not k.startswith(conv)} | {f"{conv}.{k}": v for k, v in cp.items()}
         want[conv] = w0.double() + reference_delta("lora", cp, w0, mult)
     path = tmp_path / f"{kind}.safetensors"

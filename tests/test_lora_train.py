@@ -6,6 +6,7 @@ training-time model with its LoRA layers; resume and torchrun follow tests/test_
 """
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -158,7 +159,44 @@ def test_bad_lora_configs_are_one_line_and_write_nothing(clean_shards, tiny_chec
             base + ["--train.lora.targets=[attn,bogus]"])
     refused(capsys, r"train.lora.targets: none given", base + ["--train.lora.targets=[]"])
     refused(capsys, r"train.lora .*needs train.stage=unet, not the VAE stage", base + ["--train.stage=vae"])
+    refused(capsys, r"base_dtype=bfloat16 .* cannot be used with train.mixed_precision=no",
+            base + ["--train.lora.base_dtype=bfloat16", "--train.mixed_precision=no"])
+    refused(capsys, r"train.lora.base_dtype", base + ["--train.lora.base_dtype=float16"])
     assert not out.exists()
+
+
+def test_a_bf16_base_halves_the_frozen_weights_and_trains_the_fp32_factors_alike(lora_run, clean_shards,
+                                                                                   tiny_checkpoint, tmp_path):
+    """train.lora.base_dtype=bfloat16: the U-Net and text encoder are stored in bf16 (the VAE, factors, moments and
+    EMA in fp32), a sample grid in the middle of the run leaves them bf16, and the factors after the same two steps
+    are the fp32 base run's within bf16 rounding (and not equal to them: the base really ran in bf16)."""
+    from latentdiff.train.config import LoraConfig, TrainConfig
+    from latentdiff.train.loop import trained_modules
+
+    models = load_models(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    fp32_bytes = sum(p.numel() * p.element_size() for m in (models.unet, models.text) for p in m.parameters())
+    trained, _ = trained_modules(models, TrainConfig(lora=LoraConfig(rank=4, base_dtype="bfloat16")))
+    assert {p.dtype for m in (models.unet, models.text) for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in models.vae.parameters()} == {torch.float32}
+    assert {p.dtype for p in trained["lora"].parameters()} == {torch.float32}
+    assert sum(p.numel() * p.element_size() for m in (models.unet, models.text) for p in m.parameters()) \
+        == fp32_bytes // 2
+
+    out = tmp_path / "bf16"
+    args = lora_args(clean_shards, out, tiny_checkpoint, steps=2, lr="3e-2", ema_decay=0.0, sample_every=1,
+                     sample_steps=2)
+    assert train_main.main(args + ["--train.lora.base_dtype=bfloat16"]) == 0
+    assert "bf16 base" in (out / "train.log").read_text()
+    assert (out / "samples" / "step-00000001.png").is_file()  # a grid drawn mid-run, before step 2
+    ours, fp32 = (load_state(run / "ckpt-00000002")["model"]["lora"] for run in (out, lora_run))
+    ups = [k for k in ours if k.endswith("lora_up.weight")]
+    assert all(ours[k].dtype == torch.float32 for k in ours)
+    a, b = torch.cat([ours[k].flatten() for k in ups]), torch.cat([fp32[k].flatten() for k in ups])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    assert 0.95 < cos < 1.0, cos  # 0.991 measured; Adam's first steps move each weight by about lr * sign(grad)
+    losses = [[float(r["loss"]) for r in csv.DictReader(open(run / "log.csv"))] for run in (out, lora_run)]
+    assert losses[0] != losses[1]
+    assert all(abs(x - y) < 2e-3 * abs(y) for x, y in zip(*losses)), losses  # 3e-4 measured
 
 
 LORA_IN_STEP = """
@@ -201,3 +239,41 @@ def test_two_ranks_train_the_same_factors_as_one_process(tiny_checkpoint, tmp_pa
     for k, v in s1["model"]["lora"].items():
         torch.testing.assert_close(s2["model"]["lora"][k], v, rtol=1e-4, atol=1e-6)
     assert any(v.abs().max() > 1e-3 for k, v in s1["model"]["lora"].items() if "lora_up" in k)
+
+
+@pytest.mark.slow  # 40 emoji rendered, 4 training steps, one generation: ~7 s on 2 cores
+def test_readme_lora_recipe_runs_as_written(tmp_path, capsys, monkeypatch):
+    """The README's LoRA recipe from the clone's root, its folders in tmp_path and 4 steps instead of 400: the style
+    folder, make-shards, train.lora with configs/lora-emoji.yaml, and generate with the file it wrote."""
+    from latentdiff.data import __main__ as data_main
+    from latentdiff.data.emoji import find_emoji_font
+    from latentdiff.data.loader import DataError
+    from latentdiff.generate import main as generate_main
+    from latentdiff.io.images import parse_parameters
+    from PIL import Image
+    from test_first_hour import ROOT, printed_shards, readme_command
+
+    try:
+        find_emoji_font()
+    except DataError as e:
+        pytest.skip(str(e))
+    monkeypatch.chdir(ROOT)  # train.init in the config is a path from the clone's root
+    folders = {"ink/": str(tmp_path / "ink"), "ink-shards/": str(tmp_path / "shards")}
+    data = readme_command("python docs/experiments/lora_style.py data")
+    assert subprocess.run([sys.executable] + [folders.get(a, a) for a in data[1:]], check=True).returncode == 0
+    assert len(list((tmp_path / "ink").glob("*.png"))) == len(list((tmp_path / "ink").glob("*.txt"))) == 40
+    data_main.main([folders.get(a, a) for a in readme_command("python -m latentdiff.data make-shards ink/")[3:]])
+    shards = printed_shards(capsys.readouterr().out)
+    command = readme_command("python -m latentdiff.train --config configs/lora-emoji.yaml")
+    args = [a for a in command[3:] if not a.startswith("--data.shards=")] + [f"--data.shards={shards}"]
+    out = tmp_path / "run"
+    assert train_main.main(args + [f"--train.out_dir={out}", "--train.steps=4", "--train.checkpoint_every=4"]) == 0
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_dim"] == "8" and meta["ss_base_model_version"] == "latentdiff_emoji", meta
+    assert keys and all(k.startswith("lora_unet_") for k in keys)  # U-Net only, as the config says
+    gen = readme_command("python -m latentdiff.generate --lora runs/lora-emoji/lora.safetensors")
+    gen = [a.replace("runs/lora-emoji/", f"{out}/") for a in gen[3:]]
+    assert generate_main(gen + ["--steps", "2", "-o", str(tmp_path / "cat.png")]) == 0
+    params = parse_parameters(Image.open(tmp_path / "cat.png").info["parameters"])
+    assert "<lora:lora:0.8>" in params["prompt"] and "lora:" in params["Lora hashes"], params

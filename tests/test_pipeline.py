@@ -247,3 +247,26 @@ def test_the_memory_estimate_counts_a_long_prompt_s_context(pipe):
     assert grown > 2**20 and grown <= estimated <= 2 * grown, (grown, estimated)
     assert pipe.image_bytes(16, 16, 5.0) == pipe.image_bytes(16, 16, 5.0, tokens=77)  # one chunk by default
     assert pipe.context_tokens(["x", "\u0d9e" * 100]) == 3 * 77  # 200 tokens: three chunks
+
+
+def test_the_context_estimate_counts_the_chunks_the_encoder_makes(pipe, monkeypatch):
+    """The memory estimate's context is the encoder's: a BREAK starts a chunk, a chunk that fills up just after a
+    comma moves its last words on, an embedding is not split, a schedule encodes each of its texts; and the hires
+    pass's own prompts count for the hires pass."""
+    from latentdiff.pipeline import Hires
+    cases = {"a BREAK b": 2, "x BREAK " * 30: 30, "word " * 60 + ", " + "word " * 89: 3, "\u0d9e" * 100: 3,
+             "emb40 emb40 emb40": 3}  # 3, 60, 150, 200 and 120 BPE tokens
+    pipe.text.set_embeddings({"emb40": torch.randn(40, pipe.config.text.width)})
+    try:
+        for text, chunks in cases.items():
+            assert pipe.context_tokens([text]) == chunks * 77, text[:20]
+            assert pipe.encode_schedules([text], None, None, 1)[0].shape[1] == chunks * 77  # what is encoded
+    finally:
+        pipe.text.set_embeddings({})
+    assert pipe.context_tokens(["[a|b BREAK c]"], steps=1) == 77  # alternation: "a" alone in one step
+    assert pipe.context_tokens(["[a|b BREAK c]"], steps=2) == 2 * 77
+    calls = []
+    monkeypatch.setattr(pipe, "max_batch", lambda h, w, g, tokens=None: calls.append((h, w, tokens)) or 1 << 30)
+    pipe("x", steps=1, height=16, width=16, guidance=5.0, progress=False,
+         hires=Hires(scale=2.0, steps=1, prompt="x BREAK " * 5))
+    assert {c for c in calls if c[0] == 16} == {(16, 16, 77)} and {c for c in calls if c[0] == 32} == {(32, 32, 385)}

@@ -558,10 +558,14 @@ def test_only_png_jpeg_and_webp_are_decoded_and_only_after_their_size_is_read(se
                (bmp, "send a base64 PNG, JPEG or WebP"), (png, "3000x3000 is too large"),
                (png_claiming(5000, 5000), "5000x5000 is too large"), (png_claiming(10**5, 10**5), "too large")]
     for data, fragment in refused:
-        for path, body in [("img2img", {"prompt": "x", "init_images": [b64(data)]}), ("png-info", {"image": b64(data)})]:
+        small = encoded(Image.new("RGB", (8, 8)), "PNG")
+        for path, body, status in [  # a bad mask is one of the request's field problems, answered together: 422
+                ("img2img", {"prompt": "x", "init_images": [b64(data)]}, 400), ("png-info", {"image": b64(data)}, 400),
+                ("img2img", {"prompt": "x", "init_images": [small], "mask": b64(data)}, 422)]:
             r = server.post(path, body)
-            assert r.status_code == 400 and fragment in r.json()["detail"], (path, fragment, r.text)
-    assert decoded == []  # refused from the header alone: no pixel was decoded
+            assert r.status_code == status and fragment in r.json()["detail"], (path, fragment, r.text)
+    assert {size for _, size in decoded} <= {(8, 8)}  # refused from the header alone (8x8: the masks' init image)
+    decoded.clear()
     for fmt in ["PNG", "JPEG", "WEBP"]:  # what clients send still works
         assert server.post("png-info", {"image": encoded(Image.new("RGB", (8, 8), "red"), fmt)}).status_code == 200
     assert [size for _, size in decoded] == [(8, 8)] * 3
@@ -816,3 +820,49 @@ def test_png_info_answers_a_bounded_amount_of_text(server):
     answer = r.json()
     assert answer["info"] == "a cat\nSteps: 2, Seed: 1" and answer["parameters"]["Seed"] == "1"
     assert list(answer["items"]) == ["chunk0"]  # the first chunk fits; the rest are left out
+
+
+def test_the_prompt_limit_counts_the_chunks_the_encoder_makes_hires_prompts_too(server):
+    """Each BREAK starts a chunk: 740 of them are 740 chunks (56,980 tokens of context) in 1480 BPE tokens. The
+    hires pass's prompts are encoded too, and limited the same way."""
+    runs = len(server.worker.batches)
+    base = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    over = "x BREAK " * 21  # 42 BPE tokens, 21 chunks
+    for extra, field, chunks in [({"prompt": "x BREAK " * 740}, "prompt", 740),
+                                 ({"negative_prompt": "x BREAK " * 740}, "negative_prompt", 740),
+                                 ({"prompt": over}, "prompt", 21),
+                                 ({"enable_hr": True, "hr_prompt": over}, "hr_prompt", 21),
+                                 ({"enable_hr": True, "hr_negative_prompt": over}, "hr_negative_prompt", 21)]:
+        r = server.post("txt2img", dict(base, **extra))
+        assert r.status_code == 422, (field, r.text[:200])
+        detail = r.json()["detail"]
+        assert "(20 chunks of 75" in detail and f"got {chunks} chunks in {field}" in detail, detail
+    assert len(server.worker.batches) == runs  # refused before the queue
+    r = server.post("txt2img", dict(base, prompt="x BREAK " * 20, enable_hr=True, hr_prompt="x BREAK " * 20,
+                                    hr_scale=1.0))  # 20 chunks: the limit
+    assert r.status_code == 200, r.text
+
+
+def test_prompts_encoded_to_different_chunk_counts_are_not_merged(server):
+    """"a BREAK b" is 3 BPE tokens but two chunks: in a batch with "a cat", "a cat" would be padded with an empty
+    chunk and draw another image. The same for the hires pass: two jobs with the same hr_prompt whose first passes
+    have two chunks each, one of them with a two-chunk negative prompt that the hires pass encodes too."""
+    long = "a lighthouse on a cliff at dusk, " * 12  # 96 tokens: two chunks
+    base = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 4.0}
+    hires = dict(base, enable_hr=True, hr_scale=2.0, hr_second_pass_steps=1, hr_prompt="a tower")
+    bodies = [dict(base, prompt="a cat", seed=1), dict(base, prompt="a BREAK b", seed=2),
+              dict(hires, prompt=long, seed=3), dict(hires, prompt="a tower", negative_prompt=long, seed=4)]
+    runs = len(server.worker.batches)
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        blocker = pool.submit(server.post, "txt2img", dict(base, prompt="slow", seed=0, steps=80))
+        wait_until(lambda: server.worker.running)
+        futures = []
+        for k, body in enumerate(bodies):  # one at a time, so that they queue in this order
+            futures.append(pool.submit(server.post, "txt2img", body))
+            wait_until(lambda: server.worker.queued() == k + 1 or blocker.done())
+        assert not blocker.done(), "the blocking request finished before the others queued; make it longer"
+        results = [f.result().json() for f in futures]
+    assert list(server.worker.batches)[runs:] == [1, 1, 1, 1, 1]  # the blocker, then each request alone
+    for body, r in zip(bodies, results):
+        alone = server.post("txt2img", body).json()
+        assert np.abs(pixels(decoded_image(r["images"][0])) - pixels(decoded_image(alone["images"][0]))).max() <= 1

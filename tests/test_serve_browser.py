@@ -141,3 +141,87 @@ def test_page_paints_a_mask_and_inpaints_keeping_the_unmasked_pixels(browser, ti
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow  # a server process and a browser start, two generations: ~25 s on 2 cores
+def test_page_hires_fix_doubles_the_picture_and_sends_its_fields_only_when_ticked(browser, tiny_checkpoint, tmp_path):
+    """Tick "Hires. fix", pick an upscaler listed by the server, upscale by 2 with 3 hires steps: the picture is
+    twice the first pass's size, and the txt2img request carried enable_hr and the hires values; untick it and the
+    request carries none of them; a picture to start from turns it off."""
+    import json
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from latentdiff.io.images import parse_parameters
+    proc, url = start_process(tiny_checkpoint)
+    try:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler_name")).options) > 0)
+        upscaler = Select(browser.find_element(By.ID, "hr_upscaler"))
+        names = [o.get_attribute("value") for o in upscaler.options]  # latent modes, then GET /sdapi/v1/upscalers
+        assert names[:2] == ["Latent", "Latent (antialiased)"] and {"Lanczos", "Nearest"} <= set(names), names
+        assert upscaler.first_selected_option.get_attribute("value") == "Latent"
+        assert browser.find_element(By.ID, "hr_denoising_strength").get_attribute("value") == "0.7"
+        assert not browser.find_element(By.ID, "hires").is_displayed()
+        browser.execute_script(  # keep every body the page posts
+            "window.sent = []; const f = window.fetch; window.fetch = (path, init) => {"
+            " if (init && init.body) window.sent.push([path, init.body]); return f(path, init); };")
+        browser.find_element(By.ID, "enable_hr").click()
+        assert browser.find_element(By.ID, "hires").is_displayed()
+        browser.find_element(By.ID, "prompt").send_keys("a lighthouse at dusk")
+        upscaler.select_by_visible_text("Lanczos")
+        for field, value in [("steps", "2"), ("seed", "5"), ("hr_scale", "2"), ("hr_second_pass_steps", "3"),
+                             ("hr_denoising_strength", "0.5")]:
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        assert browser.find_element(By.ID, "hr_size").text == "from 64x64 to 128x128"
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card img"))
+        assert browser.find_element(By.ID, "status").text.startswith("done"), browser.find_element(By.ID, "status").text
+        size = browser.execute_script("const i = document.querySelector('#gallery .card img');"
+                                      "return [i.naturalWidth, i.naturalHeight]")
+        assert size == [128, 128]
+        caption = browser.find_element(By.CSS_SELECTOR, "#gallery .card pre").text
+        info = parse_parameters(caption)
+        assert float(info["Hires upscale"]) == 2 and info["Hires steps"] == "3" and info["Size"] == "64x64"
+        assert info["Hires upscaler"] == "Lanczos" and info["Denoising strength"] == "0.5"
+        (path, body), = browser.execute_script("return window.sent")
+        body = json.loads(body)
+        assert path.endswith("/sdapi/v1/txt2img")
+        assert {k: body[k] for k in ["enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler",
+                                     "denoising_strength", "hr_resize_x", "hr_resize_y"]} == \
+            {"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 3, "hr_upscaler": "Lanczos",
+             "denoising_strength": 0.5, "hr_resize_x": 0, "hr_resize_y": 0}
+        # Unticked: a plain first pass, and no hires field in the request.
+        browser.find_element(By.ID, "enable_hr").click()
+        assert not browser.find_element(By.ID, "hires").is_displayed()
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card img")) == 2)
+        size = browser.execute_script("const i = document.querySelector('#gallery .card img');"
+                                      "return [i.naturalWidth, i.naturalHeight]")
+        assert size == [64, 64]
+        body = json.loads(browser.execute_script("return window.sent")[-1][1])
+        assert not {"enable_hr", "denoising_strength"} & set(body) and not any(k.startswith("hr_") for k in body)
+        # Reuse on the hires picture ticks the box again with its values.
+        browser.find_elements(By.CSS_SELECTOR, "#gallery .reuse")[-1].click()
+        assert browser.find_element(By.ID, "enable_hr").is_selected()
+        assert browser.find_element(By.ID, "hires").is_displayed()
+        assert [browser.find_element(By.ID, k).get_attribute("value") for k in
+                ["hr_upscaler", "hr_second_pass_steps", "hr_denoising_strength"]] == ["Lanczos", "3", "0.5"]
+        assert float(browser.find_element(By.ID, "hr_scale").get_attribute("value")) == 2
+        # A picture to start from (img2img) turns it off: A1111's img2img has no hires fix.
+        Image.new("RGB", (64, 64), "gray").save(tmp_path / "upload.png")
+        browser.find_element(By.CSS_SELECTOR, "#picture_panel summary").click()
+        browser.find_element(By.ID, "init_file").send_keys(str(tmp_path / "upload.png"))
+        wait.until(lambda d: not d.find_element(By.ID, "enable_hr").is_enabled())
+        assert not browser.find_element(By.ID, "hires").is_displayed()
+        browser.find_element(By.ID, "clear_picture").click()
+        assert browser.find_element(By.ID, "enable_hr").is_enabled()
+        assert browser.find_element(By.ID, "hires").is_displayed()
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -317,6 +317,19 @@ def chunk_tokens(encoder, text: str, syntax: bool = True) -> list[tuple[list[int
     return chunks
 
 
+def count_chunks(encoder, texts: str | list[str], steps: int = 1, syntax: bool = True) -> int:
+    """How many 77-token chunks of context these prompts are encoded into together (at least 1): the most any one
+    of them needs over every text its schedule uses in `steps` steps, each cut by chunk_tokens (BREAK, comma
+    backtrack, whole embeddings), as encode cuts them; without syntax, the plain 75-token cut of
+    TextEncoder.tokenize_chunks. The one count behind the server's prompt limit, its batches and the memory
+    estimate: it tokenizes, and runs no model."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not syntax:
+        return encoder.num_chunks(texts)
+    variants = {text for t in texts for _, text in prompt_schedule(t, steps)}
+    return max([1] + [len(chunk_tokens(encoder, text)) for text in variants])
+
+
 def _embedding_spans(encoder) -> dict[int, int]:
     """First token id of each textual-inversion embedding -> its number of vectors."""
     return {ids[0]: len(ids) for ids in getattr(encoder, "_embedding_ids", {}).values() if ids}

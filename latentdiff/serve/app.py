@@ -28,7 +28,7 @@ from latentdiff.serve.a1111 import (K_NAMES, RESIZE_MODES, SAMPLER_TITLES, SCHED
                                     PngInfoRequest, Txt2Img, answer_parameters, decode_image, error_body,
                                     png_info_answer, resize_init_image, resolve_sampler, sampler_string,
                                     validation_detail)
-from latentdiff.serve.worker import WORKER_DEAD, Job, ServeConfig, Task, Worker
+from latentdiff.serve.worker import WORKER_DEAD, Job, Task, Worker, prompt_chunks
 
 log = logging.getLogger("latentdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -263,12 +263,13 @@ def make_job(worker: Worker, req, init_image=None, mask=None) -> Job:
                             f"3 (latent upscale) is not supported (got {req.resize_mode})")
     clip = over.get("CLIP_stop_at_last_layers", worker.clip_skip)
     problems += clip_skip_problems(clip, d["clip_layers"])
-    chunks = prompt_chunks(req, cfg, d, config, problems)
     loras, lora_hashes = prompt_loras(worker, req.prompt, problems)
     inpaint = None if mask is None else inpaint_options(req, mask, init_image, problems)
     hires = None
     if req.enable_hr and init_image is None:  # A1111's img2img has no hires fix
         hires = hires_options(worker, req, d, (width, height, m), problems)
+    chunks, hires_chunks = request_chunks(worker, ckpt, req, cfg, min(max(steps, 1), config.max_steps), hires,
+                                          problems)
     if problems:
         raise ApiError(422, "; ".join(problems))
     if init_image is not None and not (inpaint and inpaint.full_res):  # "only masked" crops the picture as it is
@@ -286,8 +287,8 @@ def make_job(worker: Worker, req, init_image=None, mask=None) -> Job:
                seeds=[seed + i for i in range(n)], steps=steps, sampler=title, kind=kind, cfg_scale=cfg,
                width=width, height=height, batch_size=req.batch_size, clip_skip=None if clip == 1 else clip,
                init_image=init_image, strength=strength, save=req.save_images, send=req.send_images,
-               warnings=[warning] if warning else [], chunks=chunks, loras=loras, lora_hashes=lora_hashes,
-               mask=mask, inpaint=inpaint, hires=hires)
+               warnings=[warning] if warning else [], chunks=chunks, hires_chunks=hires_chunks, loras=loras,
+               lora_hashes=lora_hashes, mask=mask, inpaint=inpaint, hires=hires)
 
 
 def inpaint_options(req, mask, init_image, problems: list[str]):
@@ -371,20 +372,18 @@ def clip_skip_problems(value, layers: int) -> list[str]:
     return []
 
 
-def prompt_chunks(req, cfg: float, d: dict, config: ServeConfig, problems: list[str]) -> int:
-    """The chunks of the context a request's prompts are encoded into (a problem noted when over the limits):
-    long prompts are cut into 75-token chunks, each a 77-token block of context to attend to."""
-    from latentdiff.models.text_encoder import bpe_tokenizer
-    if max(len(req.prompt), len(req.negative_prompt)) > config.max_prompt_chars:
-        problems.append(f"prompts may have at most {config.max_prompt_chars} characters")
-        return 1
-    per = d["chunk_tokens"]
-    tokens = [len(bpe_tokenizer().encode(text)) for text in (req.prompt, req.negative_prompt)]
-    chunks = [max(1, -(-n // per)) for n in tokens]
-    if max(chunks) > config.max_prompt_chunks:
-        problems.append(f"prompts may have at most {config.max_prompt_chunks * per} tokens "
-                        f"({config.max_prompt_chunks} chunks of {per}); got {max(tokens)} tokens")
-    return chunks[0] if cfg == 1.0 else max(chunks)  # without guidance the negative prompt is not encoded
+def request_chunks(worker: Worker, ckpt, req, cfg: float, steps: int, hires, problems: list[str]) -> tuple[int, int]:
+    """The chunks of the contexts a request's prompts are encoded into, of the first pass and of the hires pass (0
+    without one), as ckpt's text encoder cuts them (serve.worker.prompt_chunks; problems noted when over the
+    limits): each chunk is a 77-token block of context to attend to. steps: the request's, within the limit."""
+    texts = [req.prompt, req.negative_prompt] + ([req.hr_prompt, req.hr_negative_prompt] if hires else [])
+    if max(len(t) for t in texts) > worker.config.max_prompt_chars:
+        problems.append(f"prompts may have at most {worker.config.max_prompt_chars} characters")
+        return 1, 0
+    chunks, hires_chunks, over = prompt_chunks(worker.prompt_encoder(ckpt), req.prompt, req.negative_prompt, steps,
+                                               cfg, hires, worker.config.max_prompt_chunks)
+    problems += over
+    return chunks, hires_chunks
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ class ServeConfig:
     merge_images: int = 8  # waiting txt2img requests are merged into one U-Net batch of up to this many images
     max_body_mb: float = 50.0  # request bodies carry base64 images
     max_prompt_chars: int = 10000  # per prompt, a bound on the tokenizer's work; the real limit is the next
-    max_prompt_chunks: int = 20  # 75-token chunks per prompt (1500 tokens): each adds 77 tokens of context to attend
+    max_prompt_chunks: int = 20  # chunks per prompt, as the encoder cuts it (at most 75 tokens each, a BREAK starts
+    # one): each adds 77 tokens of context to attend to
     live_preview: bool = True  # /progress may return the predicted x0 of the first image
 
 
@@ -122,17 +123,51 @@ class Job:
     warnings: list[str] = dataclasses.field(default_factory=list)  # for the answer's info (a size far from the model's)
     loras: tuple = ()  # the <lora:NAME:...> tags of its prompt, (name, unet, te) sorted: one adapter set per U-Net batch
     lora_hashes: str | None = None  # A1111's `Lora hashes` infotext value
-    chunks: int = 1  # 75-token chunks of the context its prompts are encoded into (the longest one's)
+    chunks: int = 1  # chunks of the context its prompts are encoded into (the longest one's; prompt_chunks)
+    hires_chunks: int = 0  # those of the hires pass's context (0: no hires fix)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
     def key(self):
         """Jobs with equal keys can share one U-Net batch; img2img and multi-iteration jobs run alone."""
         if self.init_image is not None or len(self.seeds) > self.batch_size:
             return None
-        # The chunk count too: a batch encodes every prompt to its longest one's chunks, and the empty chunks a
-        # short prompt would be padded with change its image.
+        # The chunk counts too, of both passes: a batch encodes every prompt to its longest one's chunks, and the
+        # empty chunks a short prompt would be padded with change its image.
         return (self.checkpoint.sha256, self.steps, self.sampler, self.kind, self.cfg_scale, self.width,
-                self.height, self.clip_skip, self.chunks, self.loras, self.hires)
+                self.height, self.clip_skip, self.chunks, self.hires_chunks, self.loras, self.hires)
+
+
+def prompt_chunks(encoder, prompt: str, negative: str, steps: int, guidance: float, hires,
+                  limit: int) -> tuple[int, int, list[str]]:
+    """(chunks of the first pass's context, of the hires pass's or 0, problems) for a job's texts as the pipeline
+    encodes them, each counted by models.prompts.count_chunks: the prompt without its <lora:...> tags and the
+    negative prompt (with guidance only) over `steps`; the hires pass's own texts (the first pass's where it has
+    none) over its steps. A problem names every text over `limit` chunks, the negative prompt included."""
+    from latentdiff.io.adapters import AdapterError, extract_loras
+    from latentdiff.models.prompts import count_chunks
+    try:
+        prompt = extract_loras(prompt)[0]  # as LoraSet.activate gives the pipeline its texts
+    except AdapterError:
+        pass  # refused for its tags (app.prompt_loras)
+    counts = {"prompt": count_chunks(encoder, prompt, steps), "negative_prompt": count_chunks(encoder, negative, steps)}
+    guided = guidance != 1.0
+    first, second = max(counts["prompt"], counts["negative_prompt"] if guided else 1), 0
+    if hires is not None:
+        n = hires.steps or steps
+        hr = []
+        pairs = [("prompt", hires.prompt, prompt), ("negative_prompt", hires.negative_prompt, negative)]
+        for field, own, text in pairs:
+            if own is None and n == steps:  # the first pass's text over the same steps: counted above
+                hr.append(counts[field])
+            else:
+                hr.append(count_chunks(encoder, text if own is None else own, n))
+                counts[f"hr_{field}" if own is not None else f"{field} (hires pass)"] = hr[-1]
+        second = max(hr[0], hr[1] if guided else 1)
+    per = encoder.config.context_length - 2
+    over = ", ".join(f"{k} chunks in {field}" for field, k in counts.items() if k > limit)
+    problems = [f"prompts may have at most {limit * per} tokens ({limit} chunks of {per}); got {over} (a BREAK "
+                f"starts a new chunk)"] if over else []
+    return first, second, problems
 
 
 @dataclass
@@ -188,6 +223,7 @@ class Worker:
         self.pipe = None
         self.loaded: Checkpoint | None = None
         self.model_defaults: dict[str, dict] = {}  # per checkpoint sha256, read when it is first loaded
+        self.prompt_encoders: dict[str, object] = {}  # per checkpoint sha256: prompt_encoder
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.cond = threading.Condition()
@@ -246,7 +282,7 @@ class Worker:
             "steps": c.sampling.steps, "cfg_scale": c.sampling.guidance, "width": c.image_size,
             "height": c.image_size, "sampler_name": title, "scheduler": kind,
             "sampler": c.sampling.sampler, "size_multiple": self.pipe.size_multiple,
-            "clip_layers": text_layers(c), "chunk_tokens": c.text.context_length - 2}
+            "clip_layers": text_layers(c)}
 
     def find_upscalers(self, folders: list[Path]) -> None:
         """The hires fix's networks: the .pth / .safetensors files of these folders, by stem (A1111's names)."""
@@ -293,11 +329,24 @@ class Worker:
     def load_embeddings(self):
         """Give the loaded model the embeddings in the folders (on the worker thread, or before it starts)."""
         import warnings
+        import torch
+        from latentdiff.models.text_encoder import TextEncoder
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.pipe.set_embeddings_dirs(self.embeddings_dirs)
         for w in caught:
             log.warning("%s", w.message)
+        text = getattr(self.pipe.text, "clip_l", self.pipe.text)  # SDXL's two encoders cut prompts alike
+        with torch.device("meta"):  # the tokenizer with the embeddings' token ids, no weights
+            twin = TextEncoder(text.config)
+        twin.set_embeddings({name: v.to("meta") for name, v in text.embeddings.items()})
+        self.prompt_encoders[self.loaded.sha256] = twin  # replaced whole: request threads read it unlocked
+
+    def prompt_encoder(self, ckpt: Checkpoint):
+        """What requests count prompt chunks with (prompt_chunks), off the worker thread: a weightless copy of
+        ckpt's text encoder with its embeddings, or of the first model loaded for one not loaded yet (the worker
+        counts again once it is)."""
+        return self.prompt_encoders.get(ckpt.sha256) or next(iter(self.prompt_encoders.values()))
 
     def public(self, message: str) -> str:
         """An adapter error for a client: the server's folders taken out (no answer carries paths)."""
@@ -402,7 +451,10 @@ class Worker:
         head = group[0]
         self.load(head.checkpoint)
         pipe = self.pipe
-        self._check(pipe, head)
+        for job in group:
+            self._check(pipe, job)
+        if len({(job.chunks, job.hires_chunks) for job in group}) > 1:  # counted with another model's embeddings
+            return [answer for job in group for answer in self._run([job])]
         chunks = self._chunks(group)
         prompts = [p for j in group for p in j.prompts]
         from latentdiff.io.adapters import AdapterError
@@ -444,16 +496,25 @@ class Worker:
             k += len(job.seeds)
         return answers
 
-    @staticmethod
-    def _check(pipe, head: Job):
-        """The request again, against the model now loaded (it was checked against the one loaded then)."""
+    def _check(self, pipe, head: Job):
+        """The request again, against the model now loaded (it was checked against the one loaded then), its
+        chunks counted again with this model's embeddings."""
         layers = text_layers(pipe.config)
         if head.clip_skip is not None and head.clip_skip > layers:
             raise ApiError(422, f"CLIP_stop_at_last_layers must be in 1..{layers} for {head.checkpoint.title} "
                                 f"(got {head.clip_skip})")
+        text = getattr(pipe.text, "clip_l", pipe.text)
+        head.chunks, head.hires_chunks, problems = prompt_chunks(
+            text, head.prompts[0], head.negatives[0], head.steps, head.cfg_scale, head.hires,
+            self.config.max_prompt_chunks)
+        if problems:
+            raise ApiError(422, problems[0])
+        per = text.config.context_length  # tokens of context per chunk
         try:
             pipe.check(steps=head.steps, height=head.height, width=head.width, guidance=head.cfg_scale,
-                       strength=head.strength, tokens=head.chunks * pipe.config.text.context_length)
+                       strength=head.strength, tokens=head.chunks * per)
+            pipe.hires_sizes(head.hires, head.width, head.height, head.init_image, head.steps, head.cfg_scale,
+                             head.hires_chunks * per)
         except ValueError as e:
             raise ApiError(422, str(e)) from None
 

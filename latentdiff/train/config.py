@@ -24,6 +24,10 @@ class LoraConfig:
     targets: tuple[str, ...] = ("attn", "ff", "proj")
     text_encoder: bool = False  # also train factors on the text encoder's attention / MLP (the same targets)
     dropout: float = 0.0  # on each down projection's output, while training (kohya's network_dropout)
+    # The frozen U-Net and text encoder held in bf16 (half the memory; the step runs under bf16 autocast, on the CPU
+    # too), the factors, their gradients, Adam moments and EMA in fp32. The VAE stays fp32. fp16 is not offered:
+    # training through fp16 activations needs loss scaling, which this trainer does not do.
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,9 @@ def lora_checks(train: TrainConfig) -> list[tuple[bool, str]]:
         (bool(lora.targets) and not unknown,
          f"train.lora.targets: {', '.join(unknown) or 'none given'}; use some of {', '.join(TARGETS)}"),
         (0.0 <= lora.dropout < 1.0, f"train.lora.dropout must be in [0, 1) (got {lora.dropout})"),
+        (lora.base_dtype == "float32" or train.mixed_precision != "no",
+         "train.lora.base_dtype=bfloat16 runs the step under bf16 autocast: it cannot be used with "
+         "train.mixed_precision=no (set it to auto or bf16)"),
     ]
 
 

@@ -83,14 +83,15 @@ def save_samples(path: Path, models: Models, ema: EMA, cfg: TrainConfig, data_cf
         if live is not None:
             live.load_state_dict(ema.modules["lora"].state_dict())
         training = {k: getattr(m, k).training for k in ("unet", "vae", "text")}
+        dtypes = {k: next(getattr(m, k).parameters()).dtype for k in ("unet", "vae", "text")}
         # Eager: a CUDA graph per grid would be captured once and thrown away, with its memory pool, while the
         # loader's threads may be calling CUDA (a capture fails on their work).
         pipe = Pipeline(m, device=device, dtype=torch.float32, cuda_graphs=False)
         images = pipe(list(cfg.sample_prompts), steps=cfg.sample_steps, sampler=cfg.sample_sampler,
                       guidance=cfg.sample_guidance, seed=cfg.seed, height=data_cfg.resolution,
                       width=data_cfg.resolution, progress=False).images
-        for k, was in training.items():
-            getattr(m, k).train(was)
+        for k, was in training.items():  # the Pipeline casts to fp32 in place: a bf16 LoRA base goes back, exactly
+            getattr(m, k).train(was).to(dtypes[k])
         if live is not None:
             live.load_state_dict(raw)
         rows = [images]

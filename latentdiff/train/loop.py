@@ -160,6 +160,9 @@ def trained_modules(models: Models, cfg: TrainConfig) -> tuple[dict[str, nn.Modu
         if cfg.lora is not None:  # only the factors train; a submodule of the loss, so DDP syncs their gradients
             trained, frozen = {"lora": train_lora.attach(models, cfg.lora, cfg.seed)}, ["unet", "vae", "text"]
             loss_module.lora = trained["lora"]
+            if cfg.lora.base_dtype == "bfloat16":  # the factors are modules of their own: they stay fp32
+                models.unet.to(torch.bfloat16)
+                models.text.to(torch.bfloat16)
         models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     else:
         if cfg.gradient_checkpointing:
@@ -225,7 +228,8 @@ def setup(model_cfg: ModelConfig | None, data_cfg: DataConfig, cfg: TrainConfig,
     ema = EMA(trained, cfg.ema_decay, cfg.ema_warmup)
     params, opt = make_optimizer(trained, cfg)
     gen = torch.Generator(d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank noise and timesteps
-    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
+    use_bf16 = (cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
+                or (cfg.lora is not None and cfg.lora.base_dtype == "bfloat16"))
     run = Run(d, cfg, data_cfg, Path(cfg.out_dir), models, trained, loss_module, params, ema, opt, gen, use_bf16,
               notes=notes)
     if state is not None:
@@ -272,6 +276,7 @@ def open_run_dir(run: Run, resumed_from: Path | None) -> Logger:
     n_params = sum(p.numel() for p in run.params)
     log.info(f"{cfg.stage} stage: {n_params / 1e6:.2f}M trained parameters, {d.world_size} rank(s) on "
              f"{d.device.type}, {'bf16 autocast' if run.bf16 else 'fp32'}, "
+             + ("bf16 base, " if cfg.lora is not None and cfg.lora.base_dtype == "bfloat16" else "")
              + (f"resumed from {resumed_from.name} at step {run.step}" if resumed_from is not None
                 else f"initialised from {cfg.init}" if cfg.init is not None
                 else f"from scratch on the VAE of {cfg.init_vae}" if cfg.init_vae is not None else "from scratch"))

@@ -13,6 +13,7 @@ const api = async (path, body) => {
 };
 const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "seed", "width", "height", "batch_size"];
 const NUMBERS = new Set(["steps", "cfg_scale", "seed", "width", "height", "batch_size"]);
+const HIRES = ["hr_upscaler", "hr_scale", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y"];  // + its strength
 
 function option(select, value, label) {
   const o = document.createElement("option");
@@ -20,13 +21,32 @@ function option(select, value, label) {
 }
 
 async function setup() {
-  const [samplers, schedulers, options] = await Promise.all([api("samplers"), api("schedulers"), api("options")]);
+  const [samplers, schedulers, options, latents, upscalers] = await Promise.all(
+    ["samplers", "schedulers", "options", "latent-upscale-modes", "upscalers"].map((path) => api(path)));
   samplers.forEach((s) => option($("sampler_name"), s.name));
   schedulers.forEach((s) => option($("scheduler"), s.name, s.label));
+  [...latents, ...upscalers].forEach((u) => option($("hr_upscaler"), u.name));  // as A1111: "Latent" first
   const d = options.latentdiff_defaults || {};
   for (const k of ["sampler_name", "scheduler", "steps", "cfg_scale", "width", "height"]) if (d[k] !== undefined) $(k).value = d[k];
   for (const k of ["width", "height"]) $(k).step = d.size_multiple || 8;
   $("model").textContent = options.sd_model_checkpoint || "";
+  hiresSize();
+}
+
+// The hires fix: txt2img only (A1111's img2img has none), so it is off while a picture is loaded.
+function hires() {
+  const box = $("enable_hr"), on = box.checked && !picture.data;
+  box.disabled = Boolean(picture.data);
+  $("hires").hidden = $("hires").disabled = !on;  // disabled: its fields are neither sent nor validated
+}
+
+function hiresSize() {  // the second pass's size, as the server works it out (pipeline.Hires.sizes)
+  const w = Number($("width").value), h = Number($("height").value), m = Number($("width").step) || 8;
+  const s = Number($("hr_scale").value), rx = Number($("hr_resize_x").value), ry = Number($("hr_resize_y").value);
+  const to = !rx && !ry ? [Math.trunc(w * s), Math.trunc(h * s)] : !ry ? [rx, Math.floor(rx * h / w)]
+    : !rx ? [Math.floor(ry * w / h), ry] : [rx, ry];
+  const down = (v) => Math.max(m, Math.floor(v / m) * m);
+  $("hr_size").textContent = w > 0 && h > 0 ? `from ${w}x${h} to ${down(to[0])}x${down(to[1])}` : "";
 }
 
 function request() {
@@ -38,6 +58,10 @@ function request() {
       mask: $("mask").toDataURL("image/png"), mask_blur: Number($("mask_blur").value),
       inpainting_fill: Number($("inpainting_fill").value), inpaint_full_res: $("inpaint_full_res").checked,
       inpaint_full_res_padding: 32 });
+  } else if ($("enable_hr").checked) {
+    body.enable_hr = true;
+    for (const k of HIRES) body[k] = k === "hr_upscaler" ? $(k).value : Number($(k).value);
+    body.denoising_strength = Number($("hr_denoising_strength").value);
   }
   return body;
 }
@@ -58,6 +82,7 @@ function loadPicture(file) {
       const m = Number($("width").step) || 8;  // the picture's size, in the model's multiples
       $("width").value = Math.max(m, Math.floor(img.naturalWidth / m) * m);
       $("height").value = Math.max(m, Math.floor(img.naturalHeight / m) * m);
+      hires(); hiresSize();
     };
     img.src = reader.result;
   };
@@ -87,12 +112,22 @@ function brush() {
   });
   $("clear_picture").addEventListener("click", () => {
     picture.data = null; picture.painted = false; $("init_file").value = ""; $("canvas_box").hidden = true;
+    hires();
   });
   $("init_file").addEventListener("change", (e) => { if (e.target.files[0]) loadPicture(e.target.files[0]); });
 }
 
 function reuse(params) {
   for (const k of FIELDS) if (params[k] !== undefined && params[k] !== null) $(k).value = params[k];
+  if (!("init_images" in params)) {  // a txt2img answer: its hires fix, on or off
+    $("enable_hr").checked = Boolean(params.enable_hr);
+    if (params.enable_hr) {
+      for (const k of HIRES) if (params[k] !== undefined && params[k] !== null) $(k).value = params[k];
+      $("hr_denoising_strength").value = params.denoising_strength;
+    }
+    hires();
+  }
+  hiresSize();
   window.scrollTo(0, 0);
 }
 
@@ -139,5 +174,8 @@ async function generate(ev) {
 
 $("form").addEventListener("submit", generate);
 brush();
+$("enable_hr").addEventListener("change", hires);
+for (const k of ["width", "height", "hr_scale", "hr_resize_x", "hr_resize_y"])
+  $(k).addEventListener("input", hiresSize);
 $("interrupt").addEventListener("click", () => api("interrupt", {}));
 setup().catch((e) => { $("status").textContent = "error: " + e.message; });
