@@ -96,11 +96,10 @@ def add_mask_and_hires_arguments(p: argparse.ArgumentParser):
 
 def mask_and_hires_from_png(raw: dict, out: dict, path: str) -> dict:
     """The inpainting and hires settings of a parsed `parameters` text, added to params_from_png's."""
-    from latentdiff.io.images import unquote
     for key, (name, typ) in PNG_KEYS.items():
         if key in raw:
             try:
-                out[name] = typ(unquote(raw[key]))
+                out[name] = typ(raw[key])
             except ValueError:
                 raise UsageError(f"{path}: bad {key!r} value {raw[key]!r} in its parameters") from None
     blur = [raw.get(k) for k in ("Mask blur", "Mask blur x", "Mask blur y")]
@@ -137,18 +136,20 @@ def read_mask_file(path: str) -> Image.Image:
 
 
 def mask_and_hires(args, given: set[str], init_image, multiple: int):
-    """(init image, mask, InpaintOptions, Hires) for the pipeline from the command line: --outpaint builds the
-    canvas and its mask; with a mask and no -W/-H, the size is the picture's (rounded down to the model's multiple)."""
-    from latentdiff.io.masks import InpaintOptions, MaskError, outpaint_canvas
+    """(mask, InpaintOptions, Hires, outpaint sides) for the pipeline from the command line (the pipeline builds
+    --outpaint's canvas and its mask); with a mask or --outpaint and no -W/-H, the size is the picture's (the
+    canvas's), rounded down to the model's multiple."""
+    from latentdiff.io.masks import InpaintOptions, MaskError, outpaint_size
     from latentdiff.pipeline import Hires
     mask = read_mask_file(args.mask) if args.mask else None
+    outpaint, size = None, init_image.size if init_image is not None else None
     if args.outpaint:
-        sides = number_list(args.outpaint, 4, "--outpaint")
-        if sum(sides) == 0:
+        outpaint = tuple(number_list(args.outpaint, 4, "--outpaint"))
+        if sum(outpaint) == 0:
             raise UsageError("--outpaint needs at least one side above 0 pixels (L,R,T,B)")
-        init_image, mask = outpaint_canvas(init_image, *sides, multiple=multiple)
-    if mask is not None and not (args.width or args.height):
-        args.width, args.height = (max(multiple, v // multiple * multiple) for v in init_image.size)
+        size = outpaint_size(init_image.size, outpaint, multiple)
+    if (mask is not None or outpaint) and not (args.width or args.height):
+        args.width, args.height = (max(multiple, v // multiple * multiple) for v in size)
     try:
         blur = number_list(args.mask_blur, 2, "--mask-blur")
         options = InpaintOptions(blur_x=blur[0], blur_y=blur[1], fill=args.inpainting_fill,
@@ -162,7 +163,7 @@ def mask_and_hires(args, given: set[str], init_image, multiple: int):
         hires = Hires(scale=2.0 if args.hires is None else args.hires, resize_x=rx, resize_y=ry,
                       steps=args.hires_steps, strength=args.hires_strength, upscaler=hires_upscaler(args),
                       sampler=args.hires_sampler, prompt=args.hires_prompt, negative_prompt=args.hires_negative)
-    return init_image, mask, options if mask is not None else None, hires
+    return mask, options if mask is not None or outpaint else None, hires, outpaint
 
 
 def hires_upscaler(args):
@@ -472,9 +473,8 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     names = [f"{slug(prompts[k // args.num_images])}-{seed + k}" for k in range(n_total)]
     paths = output_paths(args.output, names)
     pipe = load_pipeline(args, checkpoint)
-    picture = init_image
-    init_image, mask, inpaint, hires = mask_and_hires(args, given, init_image, pipe.size_multiple)
-    check_mask(args, mask if args.mask else None)
+    mask, inpaint, hires, outpaint = mask_and_hires(args, given, init_image, pipe.size_multiple)
+    check_mask(args, mask)
     settings = settings_for(pipe, args, init_image, seed, n_total)
     check_mask_and_hires(pipe, init_image, mask, inpaint, hires, settings)
     prompts = use_adapters(pipe, args, prompts)
@@ -489,15 +489,11 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         result = pipe(prompts, args.negative, num_images=args.num_images, seed=seed, init_image=init_image,
                       strength=args.strength, clip_skip=args.clip_skip, guidance_rescale=args.guidance_rescale,
                       trajectory=args.trajectory, backend=args.backend, mask=mask, inpaint=inpaint, hires=hires,
-                      prompt_syntax=not args.no_prompt_syntax, **settings)
+                      outpaint=outpaint, prompt_syntax=not args.no_prompt_syntax, **settings)
     except ValueError as e:  # the mask (io.masks.MaskError) and the hires settings, checked against the model
         raise UsageError(str(e)) from None
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.outpaint:  # recorded as the picture before the canvas and the sides, so --from-png rebuilds both
-        for p in result.params:
-            p.update(init_image_hash=image_hash(picture), extra={**p["extra"], "Outpaint": args.outpaint})
-            p["extra"].pop("Mask hash", None)
     written = [] if args.grid_only else save_images(result, paths, args.trajectory)
     if args.grid_only or (args.grid and len(result.images) > 1):
         grid_path = paths[0].with_name(f"grid-{slug(prompts[0])}-{seed}.png")

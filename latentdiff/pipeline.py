@@ -18,7 +18,8 @@ from latentdiff.io.config import ModelConfig, load_model_config
 from latentdiff.io.diffusers_folder import is_diffusers_folder, load_diffusers_folder
 from latentdiff.io.files import file_hash, model_name
 from latentdiff.io.images import format_parameters, from_pil, image_hash, save_image, to_pil
-from latentdiff.io.masks import InpaintOptions, Inpainting, prepare as prepare_inpainting
+from latentdiff.io.masks import InpaintOptions, Inpainting, outpaint_canvas, outpaint_sides, outpaint_size, \
+    prepare as prepare_inpainting
 from latentdiff.diffusion.process import guidance_rescale
 from latentdiff.diffusion.samplers import A1111_TITLES, NoiseSampler, get_sampler
 from latentdiff.diffusion.schedule import SCHEDULES, Schedule
@@ -668,7 +669,7 @@ class Pipeline:
                  callback=None, trajectory: bool = False, return_latents: bool = False,
                  progress: bool = True, backend: str | None = None, mask: Image.Image | None = None,
                  inpaint: InpaintOptions | None = None, hires: Hires | None = None,
-                 prompt_syntax: bool = True) -> Result:
+                 prompt_syntax: bool = True, outpaint: tuple[int, int, int, int] | None = None) -> Result:
         """Generate num_images per prompt; image i of the batch uses seed + i (batch-invariant).
 
         prompt_syntax: read A1111's prompt syntax (emphasis, BREAK, prompt editing, alternation; models/prompts.py);
@@ -676,6 +677,9 @@ class Pipeline:
 
         mask (with init_image): repaint where it is white (io/masks.py; inpaint: A1111's options), on an
         inpainting U-Net (9 input channels) or any other; hires: a second pass at a larger size (Hires).
+        outpaint (with init_image, no mask): (left, right, top, bottom) pixels to grow the canvas by (rounded up to
+        the model's multiple, io.masks.outpaint_canvas); the new area is the mask, painted as inpaint.fill says, and
+        without width/height the canvas's size is the processing size. What `generate --outpaint` runs.
 
         callback(info) runs after each step with the sampler's {"i", "sigma", "x", "denoised"} and "part": (k, n),
         the k-th of the n batches the images are split into to fit the device, and "steps": the sampler steps each
@@ -686,6 +690,11 @@ class Pipeline:
         steps = d.steps if steps is None else steps
         guidance = d.guidance if guidance is None else guidance
         spec = get_sampler(d.sampler if sampler is None else sampler)
+        picture = init_image  # the outpainted picture is recorded as given, with the sides
+        if outpaint is not None:
+            outpaint = self._outpaint_sides(outpaint, init_image, mask)
+            canvas = outpaint_size(init_image.size, outpaint, self.size_multiple)
+            width, height = width or canvas[0], height or canvas[1]
         height = height or self.config.image_size
         width = width or self.config.image_size
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -701,6 +710,8 @@ class Pipeline:
                                      min(steps, self.schedule.num_timesteps), prompt_syntax)
         self.check(steps=steps, height=height, width=width, guidance=guidance,
                    strength=strength if init_image is not None else None, seed=seed, count=B, tokens=tokens)
+        if outpaint is not None:  # built once the size is checked: the canvas may be large
+            init_image, mask = outpaint_canvas(init_image, *outpaint, multiple=self.size_multiple)
         job = self._inpainting(init_image, mask, inpaint, (width, height))
         hires_tokens = self.hires_tokens(hires, texts, negs, steps, guidance, prompt_syntax)
         hires_sizes = self.hires_sizes(hires, width, height, init_image, steps, guidance, hires_tokens)
@@ -736,10 +747,12 @@ class Pipeline:
         base = dict(steps=steps, sampler=sampler_title(spec), guidance=guidance, width=width, height=height,
                     model=model_name(self.checkpoint_path) if self.checkpoint_path else self.config.name,
                     strength=strength if init_image is not None else hires.strength if hires else None,
-                    init_image_hash=image_hash(init_image) if init_image is not None else None, clip_skip=clip_skip,
+                    init_image_hash=image_hash(picture) if picture is not None else None, clip_skip=clip_skip,
                     guidance_rescale=guidance_rescale, prediction=self.prediction_override,
                     dtype=DTYPE_NAMES[self.dtype], lora_hashes=lora_hashes)
         extra = {} if job is None else {**job.options.infotext(), "Mask hash": image_hash(mask)}
+        if outpaint is not None:  # the picture and the sides rebuild the canvas and its mask (--from-png)
+            extra = {**job.options.infotext(), "Outpaint": ",".join(map(str, outpaint))}
         if not prompt_syntax:  # so that --from-png encodes the prompt as written again
             extra["Prompt syntax"] = "off"
         params = [dict(base, prompt=p, negative=n, seed=s,
@@ -849,6 +862,15 @@ class Pipeline:
     def inpainting_model(self) -> bool:
         """An inpainting U-Net: x, the mask and the masked picture's latents in, stacked on the channels."""
         return self.config.unet.in_channels == 2 * self.latent_channels + 1
+
+    @staticmethod
+    def _outpaint_sides(outpaint, init_image, mask) -> tuple[int, int, int, int]:
+        """outpaint's sides checked (a ValueError of one line, as generate's --outpaint errors)."""
+        if init_image is None:
+            raise ValueError("outpaint needs the picture to paint on: pass init_image (--init-image FILE)")
+        if mask is not None:
+            raise ValueError("outpaint makes its own mask (the new border): leave out the mask, or outpaint")
+        return outpaint_sides(outpaint)
 
     def _inpainting(self, init_image, mask, options, size) -> Inpainting | None:
         """The masked job's pictures (io/masks.py), or None without a mask; MaskError (a ValueError) for a bad mask."""

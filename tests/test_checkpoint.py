@@ -427,3 +427,57 @@ def test_sd2_files_without_what_conditioning_never_uses_load_with_the_same_outpu
     assert all(torch.equal(v, full.unet.state_dict()[k]) for k, v in got.unet.state_dict().items())
     assert got.config.text.embed_dim == 0 and not hasattr(got.text, "text_projection")
     assert got.config.text.layers == (23 if how == "script" else 24)
+
+
+# ---- inpainting files: a 9-channel conv_in, found from the weights ------------------------------------------
+
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def sdxl_small_state(tmp_path):
+    """test_sdxl's smallest SDXL, as an official-layout file's tensors, and its yaml (4 input channels)."""
+    from test_sdxl import SMALL
+    from latentdiff.io.checkpoint import build_models
+    (tmp_path / "xl.yaml").write_text(SMALL)
+    cfg = load_model_config(tmp_path / "xl.yaml")
+    torch.manual_seed(0)
+    return {k: v.contiguous() for k, v in state_dict_for(build_models(cfg)).items()}, cfg
+
+
+def test_sd2_and_sdxl_inpainting_files_are_detected_from_conv_in(tmp_path):
+    """A single file whose conv_in takes 9 channels (latents, mask, masked-picture latents) is an inpainting model,
+    for the SD 2.x and SDXL layouts as for SD 1.x: at full size without a config (the presets' U-Nets get 9 input
+    channels and then take the file's keys), and at the smallest sizes with the yaml of the ordinary model."""
+    from latentdiff.pipeline import Pipeline
+    sd2 = meta_state(manifest("sd21")["tensors"])
+    xl = state_dict_for(_meta_models(load_model_config(ROOT / "configs" / "sdxl-base.yaml")))
+    for state, preset in ((sd2, "sd21-base"), (xl, "sdxl-base")):
+        state = dict(state, **{CONV_IN: torch.empty(320, 9, 3, 3, device="meta")})
+        cfg = detect_config(state, {})
+        assert cfg.name == preset and cfg.unet.in_channels == 9 and cfg.unet.out_channels == 4
+        unet = _meta_models(cfg).unet.state_dict()
+        have = split_state_dict(state, unet.keys())[0]["unet"]
+        assert {k: tuple(v.shape) for k, v in have.items()} == {k: tuple(v.shape) for k, v in unet.items()}
+    g = torch.Generator().manual_seed(5)
+    sd2 = reduced_state("sd21", seed=2)
+    sd2[CONV_IN] = (torch.randn(40, 9, 3, 3, generator=g) * 0.05).half()
+    xl, xl_cfg = sdxl_small_state(tmp_path)
+    xl[CONV_IN] = torch.randn(32, 9, 3, 3, generator=g) * 0.05
+    from PIL import Image
+    picture = Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy())
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 16, 16))
+    for name, state, cfg in (("sd2", sd2, reduced_config("sd21")), ("sdxl", xl, xl_cfg)):
+        path = tmp_path / f"{name}-inpainting.safetensors"
+        save_file(state, str(path))
+        assert cfg.unet.in_channels == 4
+        pipe = Pipeline.from_checkpoint(path, device="cpu", config=cfg)
+        assert pipe.inpainting_model and pipe.config.unet.in_channels == 9, name
+        assert torch.equal(pipe.unet.state_dict()["input_blocks.0.0.weight"], state[CONV_IN].float())
+        if name == "sdxl":  # (the reduced SD 2 text encoder's 1000 tokens cannot encode a prompt)
+            out = pipe("a cat", init_image=picture, mask=mask, steps=1, progress=False).images[0]
+            assert out.crop((40, 40, 64, 64)).tobytes() == picture.crop((40, 40, 64, 64)).tobytes()
+        else:
+            with torch.no_grad():
+                ctx = pipe.text(pipe.text.tokenize(["a"]).clamp(max=999))
+                assert pipe.unet(torch.randn(1, 9, 8, 8), torch.tensor([10]), ctx).shape == (1, 4, 8, 8)

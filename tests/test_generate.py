@@ -141,7 +141,13 @@ def test_parameters_round_trip_and_a1111_text():
              "Lora hashes: \"x: 1, y: 2\", Version: v1.9.0")
     q = parse_parameters(a1111)
     assert q["prompt"] == "masterpiece, a cat" and q["negative"] == "lowres, bad"
-    assert (q["Steps"], q["Sampler"], q["Seed"], q["Lora hashes"], q["Version"]) == ("28", "Euler a", "123", "x: 1, y: 2", "v1.9.0")
+    assert (q["Steps"], q["Sampler"], q["Seed"], q["Lora hashes"], q["Version"]) == ("28", "Euler a", "123",
+                                                                                       "x: 1, y: 2", "v1.9.0")
+    # Backslashes: written as they are where no quotes are needed (A1111 too), escaped inside quotes; each read back
+    # as it was, so only quoted values have their escapes decoded.
+    extra = {"Hires prompt": "a\\b", "Hires negative prompt": 'c, "d"\\e: f', "Mask blur": 4}
+    back = parse_parameters(format_parameters(p | {"extra": extra}))
+    assert {k: back[k] for k in extra} == {k: str(v) for k, v in extra.items()}, back
 
 
 SMALL_SD21 = """\

@@ -151,6 +151,26 @@ def test_generate_hires_round_trips_through_from_png(tmp_path, capsys, tiny_chec
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("size", [["--hires", 2], ["--hires-resize", "96x80"]])
+def test_from_png_remakes_hires_with_a_pixel_upscaler_its_own_sampler_and_prompts(tmp_path, tiny_checkpoint, size):
+    argv = ["a castle", "--checkpoint", tiny_checkpoint, "--steps", 2, "--seed", 9, "--sampler", "Euler a",
+            "--negative", "fog", *size, "--hires-upscaler", "Lanczos", "--hires-steps", 2, "--hires-strength", 0.55,
+            "--hires-sampler", "DPM++ 2M Karras", "--hires-prompt", "a castle: at night, (detailed:1.2)",
+            "--hires-negative", "blur, rain", "-o", tmp_path / "a.png"]
+    assert generate_main([str(a) for a in argv]) == 0
+    a = Image.open(tmp_path / "a.png")
+    info = parse_parameters(a.info["parameters"])
+    assert (info["Hires upscaler"], info["Hires steps"], info["Hires sampler"], info["Denoising strength"]) == \
+        ("Lanczos", "2", "DPM++ 2M Karras", "0.55")
+    assert info.get("Hires upscale", info.get("Hires resize")) in ("2.0", "96x80")
+    assert generate_main(["--from-png", str(tmp_path / "a.png"), "--checkpoint", str(tiny_checkpoint),
+                          "-o", str(tmp_path / "b.png")]) == 0
+    b = Image.open(tmp_path / "b.png")
+    assert a.size == b.size == ((128, 128) if size[0] == "--hires" else (96, 80))
+    assert b.info["parameters"] == a.info["parameters"]
+    assert np.array_equal(px(a), px(b))
+
+
 # ---- super-resolution networks through spandrel --------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -261,6 +261,59 @@ def test_generate_inpaints_outpaints_and_regenerates_from_png(tmp_path, capsys, 
     assert np.array_equal(px(out), px(Image.open(tmp_path / "o2.png")))
 
 
+def test_python_outpaint_is_generate_s_and_keeps_the_picture_beyond_the_blur(pipe, tmp_path, tiny_checkpoint):
+    img = noise_image(40, 48, seed=17)
+    img.save(tmp_path / "in.png")
+    argv = ["a cat", "--checkpoint", tiny_checkpoint, "--steps", 2, "--seed", 6, "--init-image", tmp_path / "in.png",
+            "--outpaint", "16,8,0,4", "--mask-blur", 2, "-o", tmp_path / "cli.png"]
+    assert generate_main([str(a) for a in argv]) == 0
+    cli = Image.open(tmp_path / "cli.png")
+    res = pipe("a cat", init_image=img, outpaint=(16, 8, 0, 4), steps=2, seed=6, progress=False,
+               inpaint=InpaintOptions(blur_x=2, blur_y=2))
+    out = res.images[0]
+    assert out.size == cli.size == (64, 56)  # 40 + 16 + 8 wide; 48 + 4 rounded up to the multiple of 8
+    assert np.array_equal(px(out), px(cli)) and res.infotexts[0] == cli.info["parameters"]
+    info = parse_parameters(res.infotexts[0])
+    assert info["Outpaint"] == "16,8,0,4" and "Mask hash" not in info and info["Size"] == "64x56"
+    # the picture is laid back through the blurred mask, as A1111 does: the kernel's half width (int(2.5 * 2 + 0.5)
+    # = 5 px) from the new border inwards is blended, everything further in is the picture's
+    assert np.array_equal(px(out)[:48 - 5, 16 + 5:56 - 5], px(img)[:48 - 5, 5:40 - 5])
+    assert not np.array_equal(px(out)[:, 16 + 4], px(img)[:, 4])
+
+
+def test_outpaint_paints_the_new_area_as_the_fill_says(pipe):
+    img = noise_image(48, 64, seed=18)
+    kw = dict(init_image=img, outpaint=(16, 0, 0, 0), steps=2, seed=3, progress=False)
+    out = {fill: pipe("a cat", inpaint=InpaintOptions(fill=fill), **kw) for fill in ("original", "latent noise")}
+    a, b = (px(r.images[0]) for r in out.values())
+    assert np.array_equal(a[:, 16 + 10:], px(img)[:, 10:]) and np.array_equal(b[:, 16 + 10:], px(img)[:, 10:])
+    assert np.abs(a[:, :16] - b[:, :16]).mean() > 10, np.abs(a[:, :16] - b[:, :16]).mean()
+    assert parse_parameters(out["latent noise"].infotexts[0])["Masked content"] == "latent noise"
+
+
+def test_pipeline_refuses_bad_outpaint_values_in_one_line(pipe):
+    img = noise_image()
+    for kw, match in (({"outpaint": (-8, 0, 0, 0)}, "4 whole numbers of pixels >= 0"),
+                      ({"outpaint": (8, 0)}, "4 whole numbers of pixels >= 0"),
+                      ({"outpaint": (0, 0, 0, 0)}, "at least one side above 0"),
+                      ({"outpaint": (8, 0, 0, 0), "mask": box_mask((64, 64), (0, 0, 8, 8))}, "makes its own mask"),
+                      ({"outpaint": (8, 0, 0, 0), "init_image": None}, "needs the picture")):
+        with pytest.raises(ValueError, match=match) as e:
+            pipe("a", **{"init_image": img, **kw}, steps=1, progress=False)
+        assert "\n" not in str(e.value)
+
+
+def test_generate_notes_a_mask_of_another_size(tmp_path, capsys, tiny_checkpoint):
+    noise_image().save(tmp_path / "in.png")
+    box_mask((32, 32), (0, 0, 16, 16)).save(tmp_path / "mask.png")
+    argv = ["a cat", "--checkpoint", tiny_checkpoint, "--steps", 1, "--seed", 1, "--init-image", tmp_path / "in.png",
+            "--mask", tmp_path / "mask.png", "-o", tmp_path / "a.png"]
+    assert generate_main([str(a) for a in argv]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert notes == ["note: the mask is 32x32 and the picture 64x64: the mask was resized to the picture's size"]
+    assert Image.open(tmp_path / "a.png").size == (64, 64)
+
+
 @pytest.mark.parametrize("extra,expect", [
     (["--mask", "{d}/missing.png"], "cannot read --mask"), (["--mask", "{d}/notes.txt"], "cannot read --mask"),
     (["--mask", "{d}/black.png"], "all black"), (["--mask", "{d}/white.png"], "all white"),
@@ -462,6 +515,27 @@ def test_api_img2img_with_a_mask_is_generate_s_inpainting(tiny_checkpoint, tmp_p
             assert res.status_code == 422 and expect in res.json()["detail"], res.text
         res = srv.post("img2img", dict(base, mask=webuiapi.raw_b64_img(mask), inpainting_fill=7))
         assert res.status_code == 422 and "inpainting fill" in res.json()["detail"]
+    finally:
+        srv.close()
+
+
+def test_api_says_when_it_resizes_a_mask_of_another_size(tiny_checkpoint):
+    """As A1111 the mask is resized (to the picture's size, or with it to width x height by resize_mode), and the
+    answer's info says so in latentdiff_warnings, whether the whole picture or only the masked area is repainted."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from test_serve import InProcess
+    img, mask = noise_image(80, 64, seed=19), box_mask((40, 40), (8, 4, 24, 20))
+    note = "the mask is 40x40 and the picture 80x64: the mask was resized to the picture's size"
+    srv = InProcess([tiny_checkpoint])
+    try:
+        base = {"init_images": [webuiapi.raw_b64_img(img)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a cat",
+                "seed": 1, "steps": 1, "width": 64, "height": 64}
+        for full_res, resize_mode in ((False, 0), (False, 1), (False, 2), (True, 0)):
+            res = srv.post("img2img", dict(base, inpaint_full_res=full_res, resize_mode=resize_mode))
+            assert res.status_code == 200, res.text
+            assert json.loads(res.json()["info"])["latentdiff_warnings"] == [note], (full_res, resize_mode)
+        res = srv.post("img2img", dict(base, mask=webuiapi.raw_b64_img(box_mask((80, 64), (8, 4, 24, 20)))))
+        assert json.loads(res.json()["info"])["latentdiff_warnings"] == []
     finally:
         srv.close()
 

@@ -357,6 +357,16 @@ def _unet_from_shapes(ucfg, state):
 
 # ---- building and loading models ------------------------------------------------------------------
 
+def inpainting_variant(config: ModelConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """A config given for a file whose conv_in takes the inpainting layout's channels (latents, mask, masked-picture
+    latents: 2 * out + 1, 9 for SD) describes that file's inpainting variant: a model's yaml loads its inpainting
+    file too, as the presets do through _unet_from_shapes when no config is given."""
+    w, u = state.get(UNET_PREFIX + "input_blocks.0.0.weight"), config.unet
+    if w is None or w.ndim != 4 or w.shape[1] == u.in_channels or w.shape[1] != 2 * u.out_channels + 1:
+        return config
+    return dataclasses.replace(config, unet=dataclasses.replace(u, in_channels=int(w.shape[1])))
+
+
 def _text_encoder(config: ModelConfig) -> TextEncoder | DualTextEncoder:
     return TextEncoder(config.text) if config.text2 is None else DualTextEncoder(config.text, config.text2)
 
@@ -442,8 +452,10 @@ def load_models(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torc
                               f"that keep EMA copies (model_ema.*) beside the raw weights")
     if config is None:
         config = detect_config(state, metadata, prediction, name=str(path))
-    elif prediction is not None:
-        config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, prediction=prediction))
+    else:
+        config = inpainting_variant(config, state)
+        if prediction is not None:
+            config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, prediction=prediction))
     config = fit_text_config(config, state)
     problem = config_problem(config, state)
     if problem:

@@ -121,16 +121,6 @@ def quote(value):
     return json.dumps(value, ensure_ascii=False)
 
 
-def unquote(value: str) -> str:
-    """Inverse of quote for a value parse_parameters read (it strips the quotes but not the escapes)."""
-    if "\\" not in value:
-        return value
-    try:
-        return json.loads(f'"{value}"')
-    except ValueError:
-        return value
-
-
 def format_parameters(p: dict) -> str:
     """The A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, ...`."""
     lines = [p["prompt"]]
@@ -170,7 +160,12 @@ def parse_parameters(text: str) -> dict:
     out = {"prompt": "\n".join(prompt), "negative": "\n".join(negative)}
     # values may be quoted and contain commas: "Key: "a, b", Key2: v"
     for key, value in re.findall(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings):
-        value = value.strip().strip('"')
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':  # quote's JSON: its escapes are decoded, and only its
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = value[1:-1]
         out[key.strip()] = value
     return out
 

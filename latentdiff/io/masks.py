@@ -10,6 +10,7 @@ through the blurred mask (`Inpainting.paste_back`), so pixels the blur does not 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,13 +190,35 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     return out.convert("RGB")
 
 
+def outpaint_sides(sides) -> tuple[int, int, int, int]:
+    """Outpainting's (left, right, top, bottom) checked: four whole numbers of pixels, none below 0, one above."""
+    try:
+        values = tuple(sides)
+    except TypeError:
+        values = ()
+    if len(values) != 4 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+                                   for v in values):
+        got = " ".join(repr(sides).split())[:80]  # one line, whatever was passed
+        raise MaskError(f"outpaint must be 4 whole numbers of pixels >= 0, (left, right, top, bottom) (got {got})")
+    if sum(values) == 0:
+        raise MaskError("outpaint needs at least one side above 0 pixels (left, right, top, bottom)")
+    return tuple(int(v) for v in values)
+
+
+def outpaint_size(size: tuple[int, int], sides, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) of outpaint_canvas's canvas for a picture of `size`: grown by the sides, rounded up to the
+    multiple."""
+    left, right, top, bottom = sides
+    return (-(-(size[0] + left + right) // multiple) * multiple, -(-(size[1] + top + bottom) // multiple) * multiple)
+
+
 def outpaint_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int,
                     multiple: int = 8) -> tuple[Image.Image, Image.Image]:
     """The picture on a canvas grown by the given pixels on each side (each side rounded up so the canvas is a
     multiple of `multiple`), the new border filled from the picture's edge pixels, and the mask of the new area."""
     image = image.convert("RGB")
     w, h = image.size
-    grow_w, grow_h = -(-(w + left + right) // multiple) * multiple, -(-(h + top + bottom) // multiple) * multiple
+    grow_w, grow_h = outpaint_size(image.size, (left, right, top, bottom), multiple)
     right += grow_w - (w + left + right)
     bottom += grow_h - (h + top + bottom)
     a = np.asarray(image)

@@ -264,7 +264,8 @@ def make_job(worker: Worker, req, init_image=None, mask=None) -> Job:
     clip = over.get("CLIP_stop_at_last_layers", worker.clip_skip)
     problems += clip_skip_problems(clip, d["clip_layers"])
     loras, lora_hashes = prompt_loras(worker, req.prompt, problems)
-    inpaint = None if mask is None else inpaint_options(req, mask, init_image, problems)
+    notes = []  # a mask of another size, resized as A1111 does: said in the answer's info
+    inpaint = None if mask is None else inpaint_options(req, mask, init_image, problems, notes)
     hires = None
     if req.enable_hr and init_image is None:  # A1111's img2img has no hires fix
         hires = hires_options(worker, req, d, (width, height, m), problems)
@@ -287,12 +288,13 @@ def make_job(worker: Worker, req, init_image=None, mask=None) -> Job:
                seeds=[seed + i for i in range(n)], steps=steps, sampler=title, kind=kind, cfg_scale=cfg,
                width=width, height=height, batch_size=req.batch_size, clip_skip=None if clip == 1 else clip,
                init_image=init_image, strength=strength, save=req.save_images, send=req.send_images,
-               warnings=[warning] if warning else [], chunks=chunks, hires_chunks=hires_chunks, loras=loras,
-               lora_hashes=lora_hashes, mask=mask, inpaint=inpaint, hires=hires)
+               warnings=([warning] if warning else []) + notes, chunks=chunks, hires_chunks=hires_chunks,
+               loras=loras, lora_hashes=lora_hashes, mask=mask, inpaint=inpaint, hires=hires)
 
 
-def inpaint_options(req, mask, init_image, problems: list[str]):
-    """A1111's inpainting fields as io.masks.InpaintOptions, with the mask checked against the picture."""
+def inpaint_options(req, mask, init_image, problems: list[str], notes: list[str]):
+    """A1111's inpainting fields as io.masks.InpaintOptions, with the mask checked against the picture (a mask of
+    another size gets a note: make_job may resize it with the picture, so the pipeline would not see it)."""
     from latentdiff.io.masks import InpaintOptions, MaskError, read_mask
     blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
     try:
@@ -301,7 +303,7 @@ def inpaint_options(req, mask, init_image, problems: list[str]):
                                  invert=bool(req.inpainting_mask_invert),
                                  noise_multiplier=1.0 if req.initial_noise_multiplier is None
                                  else req.initial_noise_multiplier)
-        read_mask(mask, init_image.size, options.invert)  # all black or all white: refused now
+        notes.extend(read_mask(mask, init_image.size, options.invert)[1])  # all black or all white: refused now
     except MaskError as e:
         problems.append(str(e))
         return None
