@@ -35,12 +35,7 @@ def params_from_png(path: str) -> dict:
             "Model hash": ("model_hash", str), "Model": ("model", str), "Dtype": ("dtype", str),
             "Init image hash": ("init_image_hash", str), "Lora hashes": ("lora_hashes", str),
             "Prompt syntax": ("no_prompt_syntax", lambda v: v.strip().lower() == "off")}
-    for key, (name, typ) in conv.items():
-        if key in raw:
-            try:
-                out[name] = typ(raw[key])
-            except ValueError:
-                raise UsageError(f"{path}: bad {key!r} value {raw[key]!r} in its parameters") from None
+    convert_png_values(raw, conv, out, path)
     if "Size" in raw:
         size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", raw["Size"])
         if size is None:
@@ -94,14 +89,19 @@ def add_mask_and_hires_arguments(p: argparse.ArgumentParser):
     p.set_defaults(mask_hash=None)
 
 
-def mask_and_hires_from_png(raw: dict, out: dict, path: str) -> dict:
-    """The inpainting and hires settings of a parsed `parameters` text, added to params_from_png's."""
-    for key, (name, typ) in PNG_KEYS.items():
+def convert_png_values(raw: dict, keys: dict, out: dict, path: str):
+    """out[name] = typ(raw[key]) for each key present; a value that does not convert is a one-line UsageError."""
+    for key, (name, typ) in keys.items():
         if key in raw:
             try:
                 out[name] = typ(raw[key])
             except ValueError:
                 raise UsageError(f"{path}: bad {key!r} value {raw[key]!r} in its parameters") from None
+
+
+def mask_and_hires_from_png(raw: dict, out: dict, path: str) -> dict:
+    """The inpainting and hires settings of a parsed `parameters` text, added to params_from_png's."""
+    convert_png_values(raw, PNG_KEYS, out, path)
     blur = [raw.get(k) for k in ("Mask blur", "Mask blur x", "Mask blur y")]
     if any(blur):
         out["mask_blur"] = blur[0] or f"{blur[1]},{blur[2]}"

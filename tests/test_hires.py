@@ -304,6 +304,16 @@ def test_sd_size_random_weights_hires_shapes(tmp_path):
     assert res.images[0].size == (192, 192) and res.latents.shape == (1, 4, 24, 24)
     assert seen == [(1, 4, 16, 16)] * 2 + [(1, 4, 24, 24)] * 2
     assert math.isfinite(float(res.latents.abs().max()))
+    # A pixel upscaler from the same first pass, a lower strength: other pictures, and the settings A1111 writes
+    seen.clear()
+    other = sd("a cat", steps=2, width=128, height=128, seed=1, progress=False, return_latents=True,
+               hires=Hires(scale=1.5, steps=2, strength=0.25, upscaler="Lanczos"),
+               callback=lambda i: seen.append(i["x"].shape))
+    assert seen == [(1, 4, 16, 16)] * 2 + [(1, 4, 24, 24)] * 2 and other.images[0].size == (192, 192)
+    assert not torch.equal(other.latents, res.latents)
+    info = parse_parameters(other.infotexts[0])
+    assert (info["Hires upscale"], info["Hires steps"], info["Hires upscaler"], info["Denoising strength"],
+            info["Size"]) == ("1.5", "2", "Lanczos", "0.25", "128x128"), info
 
 
 # ---- the A1111 API ----------------------------------------------------------------------------------------------

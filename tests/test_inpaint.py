@@ -562,6 +562,7 @@ def test_full_size_sd15_inpainting_checkpoint_matches_diffusers():
     start = NoiseSampler([torch.Generator().manual_seed(2)])(torch.empty(1, 4, 16, 16))
     theirs = ref(prompt_embeds=ctx[1:], negative_prompt_embeds=ctx[:1], image=img, mask_image=mask, height=128,
                  width=128, strength=1.0, guidance_scale=6.0, sigmas=sigmas, latents=start, output_type="latent").images
+    print(f"full-size SD 1.5 inpainting against diffusers: max rel diff {rel(ours, theirs):.2e}")
     assert rel(ours, theirs) < 1e-4, rel(ours, theirs)
 
 
