@@ -770,3 +770,43 @@ def test_onetrainer_te2_text_projection_is_applied_transposed(sdxl, tmp_path):
     assert rel(models.text.clip_g.text_projection.double(), want) <= 1e-6
     patcher.apply([])
     assert torch.equal(models.text.clip_g.text_projection, p0)
+
+
+def test_plain_loras_merged_by_rows_equal_a_float64_merge_in_every_dtype_and_memory_format(sd1, monkeypatch):
+    """Patcher's fast path for a plain LoRA (row blocks of weight + up @ down, no full-size delta) against a float64
+    merge: on fp32, bf16 and channels_last copies of the U-Net (channels_last takes the general path), Linears and
+    3x3 LoCon convs alike; removal gives every weight back bit for bit."""
+    import copy
+    from latentdiff.models.lora import family, read_adapter
+    _, models = sd1
+    table = {k: t for k, t in name_table(models.unet, models.text).items() if t.root == "unet" and not t.rows}
+    picked = [k for k in sorted(table) if len(table[k].shape) == 2][:12] + \
+             [k for k in sorted(table) if table[k].shape[2:] == (3, 3)][:6]
+    g = torch.Generator().manual_seed(11)
+    state = {}
+    for k in picked:
+        shape, rank = table[k].shape, 4
+        down = (rank, shape[1], *shape[2:]) if len(shape) == 4 else (rank, shape[1])
+        state[f"{k}.lora_down.weight"] = torch.randn(down, generator=g) * 0.1
+        state[f"{k}.lora_up.weight"] = torch.randn((shape[0], rank, 1, 1)[:len(shape)], generator=g) * 0.1
+        state[f"{k}.alpha"] = torch.tensor(2.0)
+    fast = []
+    real = Patcher._write_low_rank
+    monkeypatch.setattr(Patcher, "_write_low_rank", lambda self, *a, **k: fast.append(a[1]) or real(self, *a, **k))
+    for dtype, fmt, tol, n_fast in ((torch.float32, torch.contiguous_format, 1e-6, 18),
+                                    (torch.bfloat16, torch.contiguous_format, 8e-3, 18),
+                                    (torch.float32, torch.channels_last, 1e-6, 12)):  # 3x3 convs: the general path
+        fast.clear()
+        unet = copy.deepcopy(models.unet).to(dtype=dtype, memory_format=fmt)
+        before = {k: unet.get_parameter(table[k].weight).detach().clone() for k in picked}
+        adapter = read_adapter(state, {}, name_table(unet, models.text), family(unet, models.text))
+        patcher = Patcher(unet, models.text)
+        patcher.apply([(adapter, 0.7, 0.7)])
+        assert len(fast) == n_fast, (dtype, fmt, len(fast))
+        for k in picked:
+            up, down = state[f"{k}.lora_up.weight"].double(), state[f"{k}.lora_down.weight"].double()
+            want = before[k].double() + 0.7 * 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(before[k].shape)
+            got = unet.get_parameter(table[k].weight).double()
+            assert (got - want).abs().max() <= tol * want.abs().max(), (k, dtype, fmt)
+        patcher.apply([])
+        assert all(torch.equal(unet.get_parameter(table[k].weight), before[k]) for k in picked)
