@@ -7,7 +7,6 @@ machine is shared); the one assert is that removal gives back the original weigh
 """
 import os
 import statistics
-import threading
 import time
 
 import pytest
@@ -82,14 +81,9 @@ def test_apply_and_remove_a_lora_on_the_sdxl_unet(bench, cpu_threads):
 
 def test_server_switching_loras_costs_little(tmp_path, bench, cpu_threads):
     """Requests alternating between two LoRAs on the bundled model, against the same requests without LoRAs."""
-    import socket
-    import uvicorn
     from safetensors.torch import save_file
-    from latentdiff.io.files import file_sha256
-    from latentdiff.serve.app import create_app
-    from latentdiff.serve.worker import Checkpoint, ServeConfig, Worker
-    worker = Worker([Checkpoint(BUNDLED, file_sha256(BUNDLED))], ServeConfig(), device="cpu")
-    worker.start()
+    from test_bench_serve import start
+    worker, server, thread, url = start(BUNDLED)
     unet = worker.pipe.unet
     for k in range(2):
         g = torch.Generator().manual_seed(k)
@@ -103,15 +97,6 @@ def test_server_switching_loras_costs_little(tmp_path, bench, cpu_threads):
     worker.lora_dirs = [tmp_path]
     worker.pipe.loras.dirs = [tmp_path]
     worker.refresh_loras()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
     defaults = worker.defaults()
     body = {"seed": 1, "steps": defaults["steps"], "width": defaults["width"], "height": defaults["height"]}
 

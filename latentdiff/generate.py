@@ -126,22 +126,13 @@ def number_list(text: str, n: int, option: str) -> list[int]:
     return values * n if len(values) == 1 else values
 
 
-def read_mask_file(path: str) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --mask {path}: {e}") from None
-    return image
-
-
 def mask_and_hires(args, given: set[str], init_image, multiple: int):
     """(mask, InpaintOptions, Hires, outpaint sides) for the pipeline from the command line (the pipeline builds
     --outpaint's canvas and its mask); with a mask or --outpaint and no -W/-H, the size is the picture's (the
     canvas's), rounded down to the model's multiple."""
     from latentdiff.io.masks import InpaintOptions, MaskError, outpaint_size
     from latentdiff.pipeline import Hires
-    mask = read_mask_file(args.mask) if args.mask else None
+    mask = read_image_option(args.mask, "--mask")
     outpaint, size = None, init_image.size if init_image is not None else None
     if args.outpaint:
         outpaint = tuple(number_list(args.outpaint, 4, "--outpaint"))
@@ -349,14 +340,15 @@ def check_init_image(args, init_image: Image.Image | None):
                          f"pixels hash to {image_hash(init_image)}, the PNG records {recorded}); pass that picture")
 
 
-def read_init_image(path: str | None) -> Image.Image | None:
+def read_image_option(path: str | None, option: str) -> Image.Image | None:
+    """The picture an option names (None without one); a one-line UsageError naming the option when unreadable."""
     if not path:
         return None
     try:
         image = Image.open(path)
         image.load()
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+        raise UsageError(f"cannot read {option} {path}: {e}") from None
     return image
 
 
@@ -464,7 +456,7 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
     prompts = read_prompts(args)
     check_args(args, given)
     check_mask_and_hires_args(args, given)
-    init_image = read_init_image(args.init_image)
+    init_image = read_image_option(args.init_image, "--init-image")
     if args.from_png:
         check_init_image(args, init_image)
     checkpoint = checkpoint_path(args.checkpoint)

@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 import pickle
-import re
 from pathlib import Path
 
 import pytest
@@ -376,26 +375,13 @@ def diffusers_sd2_text_encoder(state):
 
 def sd2_script_text_encoder(hf: dict) -> dict:
     """convert_diffusers_to_original_stable_diffusion.py's text-encoder mapping for an SD 2.x model."""
-    renames = [("text_model.encoder.layers.", "resblocks."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+    from test_sdxl import fused_qkv_renamed
+    renames = [("transformer.text_model.final_layer_norm.", "ln_final."),  # whole names first, as the script does
+               ("transformer.text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+               ("transformer.text_model.embeddings.position_embedding.weight", "positional_embedding"),
+               ("text_model.encoder.layers.", "resblocks."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
                (".fc1.", ".c_fc."), (".fc2.", ".c_proj."), (".self_attn", ".attn")]
-    whole = {"transformer.text_model.final_layer_norm.": "ln_final.",
-             "transformer.text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "transformer.text_model.embeddings.position_embedding.weight": "positional_embedding"}
-    out, qkv = {}, {}
-    for key, value in hf.items():
-        key = "transformer." + key
-        if m := re.fullmatch(r"(.*)\.([qkv])_proj\.(weight|bias)", key):
-            qkv.setdefault((m[1], m[3]), {})[m[2]] = value
-            continue
-        for src, dst in whole.items():
-            key = key.replace(src, dst) if key.startswith(src) else key
-        for src, dst in renames:
-            key = key.replace(src, dst)
-        out[key] = value
-    for (stem, kind), parts in qkv.items():
-        for src, dst in renames:
-            stem = stem.replace(src, dst)
-        out[f"{stem}.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"])
+    out = fused_qkv_renamed({"transformer." + k: v for k, v in hf.items()}, renames)
     return {"cond_stage_model.model." + k: v for k, v in out.items()}
 
 

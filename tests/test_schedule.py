@@ -199,21 +199,9 @@ def test_bad_names_are_errors():
 
 def k_diffusion_parts():
     """k_diffusion.sampling and .external without the package's __init__ (training-only dependencies)."""
-    import importlib.util
-    import sys
-    import types
-    if "k_diffusion.external" not in sys.modules:
-        spec = importlib.util.find_spec("k_diffusion") if "k_diffusion" not in sys.modules else None
-        if spec is None and "k_diffusion" not in sys.modules:
-            pytest.skip("k-diffusion is not installed")
-        if "k_diffusion" not in sys.modules:
-            pkg = types.ModuleType("k_diffusion")
-            pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
-            sys.modules["k_diffusion"] = pkg
-        pytest.importorskip("torchsde")
-        pytest.importorskip("scipy")
+    from test_samplers import k_sampling
+    ks = k_sampling()
     import k_diffusion.external as ke
-    import k_diffusion.sampling as ks
     return ks, ke
 
 

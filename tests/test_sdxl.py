@@ -383,19 +383,27 @@ def sdxl_script_text_encoders(hf_l, hf_g) -> dict:
                ("text_model.final_layer_norm.", "ln_final."),
                ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
                ("text_model.embeddings.position_embedding.weight", "positional_embedding")]
-    g, qkv = {}, {}
-    for key, value in saved(hf_g).items():
+    g = fused_qkv_renamed(saved(hf_g), renames)
+    return ({SDXL_L_PREFIX + k: v for k, v in saved(hf_l).items()} | {SDXL_G_PREFIX + k: v for k, v in g.items()})
+
+
+def fused_qkv_renamed(state: dict, renames: list[tuple[str, str]]) -> dict:
+    """A transformers CLIP text model's weights under open_clip's names, as diffusers' convert-to-original scripts
+    write them: each layer's q/k/v projections concatenated into in_proj_*, every name relabelled by `renames` in
+    order."""
+    out, qkv = {}, {}
+    for key, value in state.items():
         if m := re.fullmatch(r"(.*)\.([qkv])_proj\.(weight|bias)", key):
             qkv.setdefault((m[1], m[3]), {})[m[2]] = value
             continue
         for src, dst in renames:
             key = key.replace(src, dst)
-        g[key] = value
+        out[key] = value
     for (stem, kind), parts in qkv.items():
         for src, dst in renames:
             stem = stem.replace(src, dst)
-        g[f"{stem}.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"])
-    return ({SDXL_L_PREFIX + k: v for k, v in saved(hf_l).items()} | {SDXL_G_PREFIX + k: v for k, v in g.items()})
+        out[f"{stem}.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"])
+    return out
 
 
 def test_files_from_diffusers_sdxl_script_load_and_without_bigg_projection_are_refused(small):

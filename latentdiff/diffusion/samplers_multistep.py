@@ -209,6 +209,12 @@ _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 2
 @torch.no_grad()
 def sample_ipndm(model, x, sigmas, *, noise=None, callback=None, disable=None, max_order: int = 4):
     """Improved PNDM (Zhang & Chen 2023, DEIS paper, eq. 24): fixed-step Adams-Bashforth on d in sigma."""
+    return _adams_bashforth(model, x, sigmas, callback, disable, max_order, lambda s, i, k: _AB[k])
+
+
+def _adams_bashforth(model, x, sigmas, callback, disable, max_order: int, weights):
+    """The iPNDM loop: x += (sigma_next - sigma) * sum_j w_j d_(i-j) over the last k <= max_order slopes, with
+    `weights(sigmas, i, k)` giving step i's w; a plain denoised step into sigma 0."""
     model, s = as_denoiser(model), host_sigmas(sigmas)
     hist = []
     for i in trange(len(s) - 1, disable=disable):
@@ -218,7 +224,7 @@ def sample_ipndm(model, x, sigmas, *, noise=None, callback=None, disable=None, m
             d0 = None
         else:
             k = min(max_order, i + 1)
-            x_next, den, d0 = _slope_step(model, x, si, [(sn - si) * w for w in _AB[k]], hist)
+            x_next, den, d0 = _slope_step(model, x, si, [(sn - si) * w for w in weights(s, i, k)], hist)
         report(callback, i, si, x, den)
         x, hist = x_next, _keep(hist, d0, max_order - 1)
     return x
@@ -247,20 +253,9 @@ def _ipndm_v_weights(h, k):
 @torch.no_grad()
 def sample_ipndm_v(model, x, sigmas, *, noise=None, callback=None, disable=None, max_order: int = 4):
     """iPNDM with variable step sizes (ComfyUI's ipndm_v): Adams-Bashforth weights for the actual sigma steps."""
-    model, s = as_denoiser(model), host_sigmas(sigmas)
-    hist = []
-    for i in trange(len(s) - 1, disable=disable):
-        si, sn = s[i], s[i + 1]
-        if sn == 0:
-            x_next, den = step(model, x, si, a=0.0, b=1.0)
-            d0 = None
-        else:
-            k = min(max_order, i + 1)
-            h = [sn - si] + [s[i - j] - s[i - j - 1] for j in range(k - 1)]
-            x_next, den, d0 = _slope_step(model, x, si, [(sn - si) * w for w in _ipndm_v_weights(h, k)], hist)
-        report(callback, i, si, x, den)
-        x, hist = x_next, _keep(hist, d0, max_order - 1)
-    return x
+    def weights(s, i, k):
+        return _ipndm_v_weights([s[i + 1] - s[i]] + [s[i - j] - s[i - j - 1] for j in range(k - 1)], k)
+    return _adams_bashforth(model, x, sigmas, callback, disable, max_order, weights)
 
 
 def _log_poly_integral(coefs, a: float, b: float) -> float:

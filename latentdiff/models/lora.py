@@ -231,6 +231,11 @@ def _scale(t: dict, rank: int | None) -> float:
     return 1.0 if t.get("alpha") is None or rank is None else float(t["alpha"]) / rank
 
 
+def _lora_factors(t: dict, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA's (up, down) as matrices, the scale (alpha / rank, times gain) on down, the smaller one."""
+    return _flat(t["up"]), _flat(t["down"]) * (_scale(t, t["down"].shape[0]) * gain)
+
+
 @dataclass
 class Patch:
     """One module's adapter: `kind` (lora, loha, lokr, full) and its tensors under canonical names."""
@@ -250,11 +255,11 @@ class Patch:
         if self.kind == "full":
             return t["diff"].reshape(weight.shape) * mult, t["diff_b"] * mult if "diff_b" in t else None
         if self.kind == "lora":
-            up, down = t["up"], _flat(t["down"]) * (_scale(t, t["down"].shape[0]) * gain)
+            up, down = _lora_factors(t, gain)
             if "mid" in t:
-                dw = torch.einsum("n m k l, i n, m j -> i j k l", t["mid"], _flat(up), down)
+                dw = torch.einsum("n m k l, i n, m j -> i j k l", t["mid"], up, down)
             else:
-                dw = _flat(up) @ down
+                dw = up @ down
         elif self.kind == "loha":
             halves = []
             for i in "12":
@@ -521,8 +526,7 @@ class Patcher:
         of the product's blocks."""
         param = self._param(root, name)
         self.originals[(root, name)] = param.detach().to("cpu", copy=True)
-        t = {k: v.to(param.device, torch.float32) for k, v in patch.tensors.items()}
-        up, down = _flat(t["up"]), _flat(t["down"]) * (_scale(t, t["down"].shape[0]) * mult)
+        up, down = _lora_factors({k: v.to(param.device, torch.float32) for k, v in patch.tensors.items()}, mult)
         flat = param.detach().view(param.shape[0], -1)
         for r in range(0, flat.shape[0], rows):
             block = flat[r:r + rows].to(torch.float32)
