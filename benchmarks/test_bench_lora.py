@@ -3,7 +3,9 @@ layers kohya's default network wraps) on the full-size SDXL U-Net in bf16; and t
 LoRAs on the bundled model, request by request, against the same requests with none.
 
 The issue's targets: apply and remove <= 2 s each; switching adds <= 10% to a request. Reported, not asserted (the
-machine is shared); the one assert is that removal gives back the original weights exactly.
+machine is shared); the one assert is that removal gives back the original weights exactly. The first apply in a
+process also takes the memory that keeps the originals (first touch of 4.6 GB); later ones reuse it, as a server
+switching adapters does: both are reported.
 """
 import os
 import statistics
@@ -18,7 +20,7 @@ from latentdiff.io.config import CONFIG_DIR, load_model_config
 from latentdiff.models.lora import Patcher, family, name_table, read_adapter
 from latentdiff.pipeline import available_memory
 
-RANK, SAMPLES = 32, 3
+RANK, SAMPLES = 32, 6
 
 
 def sdxl_unet_lora(unet, rank=RANK):
@@ -69,12 +71,13 @@ def test_apply_and_remove_a_lora_on_the_sdxl_unet(bench, cpu_threads):
     assert torch.equal(unet.get_parameter(probe), original)
     covered = sum(unet.get_parameter(p.target.weight).numel() for p in adapter.patches)
     row = {"modules": len(adapter.patches), "rank": RANK, "weights_changed": covered, "build_unet_s": build_s,
-           "read_and_check_s": read_s, "apply_s": statistics.median(apply_s), "remove_s": statistics.median(remove_s),
-           "apply_samples": apply_s, "remove_samples": remove_s}
+           "read_and_check_s": read_s, "first_apply_s": apply_s[0], "apply_s": statistics.median(apply_s[1:]),
+           "remove_s": statistics.median(remove_s), "apply_samples": apply_s, "remove_samples": remove_s}
     print(f"\nSDXL U-Net (bf16, CPU, {cpu_threads} threads): LoRA rank {RANK} on {row['modules']} modules "
           f"({covered / 1e9:.2f} B weights)")
-    print(f"{'read + check':>14}{'apply':>10}{'remove':>10}   (median of {SAMPLES}; target <= 2 s each)")
-    print(f"{read_s:>13.2f}s{row['apply_s']:>9.2f}s{row['remove_s']:>9.2f}s")
+    print(f"{'read + check':>14}{'first apply':>13}{'apply':>10}{'remove':>10}   (median of the later {SAMPLES - 1} "
+          f"applies, of all {SAMPLES} removals; target <= 2 s each)")
+    print(f"{read_s:>13.2f}s{row['first_apply_s']:>12.2f}s{row['apply_s']:>9.2f}s{row['remove_s']:>9.2f}s")
     path = bench.write_json("lora_sdxl_apply", {"machine": bench.machine("cpu"), **row})
     print(f"results: {path}")
 

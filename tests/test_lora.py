@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from latentdiff.io.adapters import read_lora
 from latentdiff.io.checkpoint import build_models, open_clip_to_hf_clip, state_dict_for
 from latentdiff.io.config import load_model_config
-from latentdiff.models.lora import AdapterError, Patcher, name_table, unet_diffusers_names
+from latentdiff.models.lora import AdapterError, Patch, Patcher, Target, name_table, unet_diffusers_names
 from test_sdxl import SMALL, bpe_files, hf_keys, hf_text_encoders  # noqa: F401 - bpe_files is a fixture
 from test_text_encoder import perturbed
 
@@ -60,9 +60,9 @@ def sdxl(tmp_path_factory):
     return d, models
 
 
-def diffusers_unet(models, sdxl=False):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+def diffusers_unet_config(models, sdxl=False) -> dict:
+    """diffusers' UNet2DConditionModel config for our U-Net, by diffusers' own reading of an LDM config."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
     cfg = models.config.unet
     params = dataclasses.asdict(cfg) | {"transformer_depth": cfg.transformer_depth}
     if sdxl:
@@ -71,13 +71,23 @@ def diffusers_unet(models, sdxl=False):
     section = "network_config" if sdxl else "unet_config"
     original = {"model": {"params": {section: {"params": params},
                                      "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2]}}}}}}
-    file = state_dict_for(models)
-    ucfg = create_unet_diffusers_config_from_ldm(original, file)
+    ucfg = create_unet_diffusers_config_from_ldm(original, state_dict_for(models))
     ucfg["norm_num_groups"] = cfg.norm_groups
     if sdxl:  # diffusers infers text_time only for SDXL's own context widths
         ucfg.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
+    return ucfg
+
+
+def diffusers_unet_state(file, ucfg) -> dict:
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    return convert_ldm_unet_checkpoint(file, ucfg)
+
+
+def diffusers_unet(models, sdxl=False):
+    from diffusers import UNet2DConditionModel
+    ucfg = diffusers_unet_config(models, sdxl)
     unet = UNet2DConditionModel(**ucfg).eval()
-    unet.load_state_dict(convert_ldm_unet_checkpoint(file, ucfg), strict=True)
+    unet.load_state_dict(diffusers_unet_state(state_dict_for(models), ucfg), strict=True)
     return unet
 
 
@@ -93,18 +103,24 @@ def hf_text(models):
 
 def diffusers_pipe(models, bpe_files, sdxl=False):
     """diffusers' pipeline around the converted U-Net and text encoders (its VAE is a stand-in: not compared)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
     tok = CLIPTokenizer(*bpe_files, pad_token="<|endoftext|>", model_max_length=77)
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8)
     if sdxl:
-        hf_l, hf_g = hf_text_encoders(state_dict_for(models))
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=hf_l, text_encoder_2=hf_g, tokenizer=tok,
-                                         tokenizer_2=tok, unet=diffusers_unet(models, True),
-                                         scheduler=EulerDiscreteScheduler(steps_offset=1), add_watermarker=False)
+        return sdxl_pipeline(diffusers_unet(models, True), *hf_text_encoders(state_dict_for(models)), bpe_files)
     return StableDiffusionPipeline(vae=vae, text_encoder=hf_text(models), tokenizer=tok,
                                    unet=diffusers_unet(models), scheduler=EulerDiscreteScheduler(steps_offset=1),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl_pipeline(unet, hf_l, hf_g, bpe_files):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer(*bpe_files, pad_token="<|endoftext|>", model_max_length=77)
+    return StableDiffusionXLPipeline(vae=AutoencoderKL(block_out_channels=(8,), norm_num_groups=8), text_encoder=hf_l,
+                                     text_encoder_2=hf_g, tokenizer=tok, tokenizer_2=tok, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(steps_offset=1), add_watermarker=False)
 
 
 def linear_and_conv(module, prefix=""):
@@ -117,13 +133,22 @@ def kohya_names(pipe, models=None):
     """kohya's module names: lora_unet_ + the diffusers U-Net's names (SD 1.x) or, given the SDXL models, the names of
     the SDXL checkpoint layout (kohya trains SDXL on sgm's U-Net); lora_te[N]_ + transformers' CLIP names under
     text_model (whatever level this transformers version nests them at)."""
+    encoders = [("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)] if models is not None \
+        else [("lora_te_", pipe.text_encoder)]
+    return kohya_unet_names(pipe.unet if models is None else models.unet) | kohya_text_names(encoders)
+
+
+def kohya_unet_names(unet):
+    """lora_unet_ + the names of the layers kohya wraps in this U-Net (diffusers' or ours, whichever is given)."""
     def wrapped(name):
         return any(s in name for s in ("transformer_blocks", "resnets", "samplers", "proj_", "in_layers",
                                        "out_layers", "emb_layers", "skip_connection", ".op", ".conv"))
-    unet = linear_and_conv(pipe.unet if models is None else models.unet)
-    out = {"lora_unet_" + k.replace(".", "_"): s for k, s in unet.items() if wrapped(k)}
-    encoders = [("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)] if models is not None \
-        else [("lora_te_", pipe.text_encoder)]
+    return {"lora_unet_" + k.replace(".", "_"): s for k, s in linear_and_conv(unet).items() if wrapped(k)}
+
+
+def kohya_text_names(encoders):
+    """lora_te*_ names of every Linear in the transformers CLIP encoders' layers: [(prefix, encoder)]."""
+    out = {}
     for prefix, te in encoders:
         for k, s in linear_and_conv(te).items():
             if "encoder.layers" in k:
@@ -250,19 +275,22 @@ def test_kohya_sdxl_lora_with_two_text_encoders_matches_diffusers(sdxl, bpe_file
     assert rel(ours, theirs) <= 1e-4 and rel(ours, before) > 1e-2
 
 
-def peft_file(pipe, sdxl=False, rank=4, seed=5):
-    """diffusers' own format: unet.<module>.lora_A / lora_B (Linear layers), text_encoder[_2].<module>.lora_A / B."""
+def peft_file(parts, rank=4, seed=5, scale=0.2):
+    """diffusers' own format: unet.<module>.lora_A / lora_B (Linear layers), text_encoder[_2].<module>.lora_A / B, for
+    [(prefix, diffusers / transformers module)]."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    parts = [("unet.", pipe.unet), ("text_encoder.", pipe.text_encoder)]
-    if sdxl:
-        parts.append(("text_encoder_2.", pipe.text_encoder_2))
     for prefix, module in parts:
         for name, m in module.named_modules():
             if isinstance(m, torch.nn.Linear) and ("attn" in name or "ff" in name or "mlp" in name):
-                state[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.2
-                state[f"{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.2
+                state[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * scale
+                state[f"{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * scale
     return state
+
+
+def pipe_parts(pipe, sdxl=False):
+    return [("unet.", pipe.unet), ("text_encoder.", pipe.text_encoder)] + \
+        ([("text_encoder_2.", pipe.text_encoder_2)] if sdxl else [])
 
 
 @pytest.mark.parametrize("which", ["sd1", "sdxl"])
@@ -274,7 +302,7 @@ def test_peft_files_match_diffusers(which, sd1, sdxl, bpe_files, tmp_path):
     pipe = diffusers_pipe(models, bpe_files, sdxl=is_xl)
     path = tmp_path / "peft.safetensors"
     sections = ["unet", "text_encoder"] + (["text_encoder_2"] if is_xl else [])
-    state = peft_file(pipe, is_xl)
+    state = peft_file(pipe_parts(pipe, is_xl))
     meta = {}
     for s in sections:
         targets = sorted({k[len(s) + 1:-len(".lora_A.weight")] for k in state if k.startswith(s + ".")
@@ -470,7 +498,6 @@ def test_our_deltas_match_lycoris_lora_functions():
     from lycoris.functional.general import weight_decompose
     from lycoris.functional.loha import diff_weight as loha_diff
     from lycoris.functional.lokr import kron_weight
-    from latentdiff.models.lora import Patch, Target
     g = torch.Generator().manual_seed(5)
     for shape in ((32, 48), (32, 16, 3, 3)):
         w0 = torch.randn(shape, generator=g)
@@ -540,6 +567,28 @@ def test_several_adapters_separate_multipliers_and_exact_restore_in_half(sd1, tm
         patcher.apply([])
         assert all(torch.equal(v, originals[k]) for m in (unet, text) for k, v in m.state_dict().items())
 
+
+
+def test_a_merge_stopped_half_way_is_still_undone_exactly(sd1):
+    """The fast merge keeps each original block by block: stopped between blocks (here the up factor runs out of
+    rows after the first block), the rows it never reached are kept too, and removal gives back every bit."""
+    _, models = sd1
+    unet = _copy(models.unet).to(torch.bfloat16)
+    name = "input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"  # (32, 32)
+    weight = unet.get_parameter(name)
+    before = weight.detach().clone()
+    target = Target("unet", name, shape=tuple(weight.shape))
+    g = torch.Generator().manual_seed(3)
+    patch = Patch("m", target, "lora", {"up": torch.randn(8, 4, generator=g), "down": torch.randn(4, 32, generator=g)})
+    patcher = Patcher(unet, models.text)
+    with pytest.raises(RuntimeError):
+        patcher._write_low_rank("unet", name, patch, 1.0, rows=8)
+    assert not torch.equal(weight[:8], before[:8])  # the first block was merged
+    patcher.restore()
+    assert torch.equal(weight, before)
+    assert patcher.spare and not patcher.originals  # the buffer waits for the next apply; release() frees it
+    patcher.release()
+    assert not patcher.spare
 
 # ---- wrong input: one line naming the file and the cause, nothing applied ------------------------------------------
 
@@ -689,47 +738,130 @@ def test_generate_lora_flag_png_record_and_from_png(tiny_checkpoint, tmp_path, c
         assert message in err and len(err.splitlines()) == 1, err
 
 
-# ---- full size (opt-in: LATENTDIFF_FULL_SIZE=1; SD 1.5 needs about 10 GB of memory, SDXL about 30 GB) ---------------
+# ---- full size (opt-in: LATENTDIFF_FULL_SIZE=1; SD 1.5 needs about 10 GB of memory, SDXL about 12 GB) ---------------
+
+def full_size_lora(fmt, kohya, parts):
+    """A random LoRA at full size: kohya LoRA / LoCon on `kohya`'s names, or PEFT on the `parts` modules."""
+    return random_lora(kohya, rank=8, seed=3, scale=0.05) if fmt == "kohya" else \
+        peft_file(parts, rank=8, seed=3, scale=0.05)
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("LATENTDIFF_FULL_SIZE"), reason="full-size parity: set LATENTDIFF_FULL_SIZE=1")
-@pytest.mark.parametrize("preset", ["sd15", "sdxl-base"])
-def test_full_size_kohya_lora_matches_diffusers(preset, bpe_files, tmp_path):
-    """Random full-size SD 1.5 / SDXL and a random kohya LoRA / LoCon on every layer kohya wraps: our U-Net and text
-    encoder outputs after loading equal diffusers' (load_lora_weights + fuse_lora) within 1e-4 relative."""
-    is_xl = preset.startswith("sdxl")
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_full_size_sd15_lora_matches_diffusers(fmt, bpe_files, tmp_path):
+    """Random full-size SD 1.5 and a random kohya LoRA / LoCon on every layer kohya wraps, or a PEFT file on every
+    attention and feed-forward Linear: our U-Net and text encoder outputs after loading equal diffusers'
+    (load_lora_weights + fuse_lora) within 1e-4 relative."""
     torch.manual_seed(0)
-    models = build_models(load_model_config(f"configs/{preset}.yaml"))
+    models = build_models(load_model_config("configs/sd15.yaml"))
     for m in (models.unet, models.text):
         perturbed(m, seed=1)
-    pipe = diffusers_pipe(models, bpe_files, sdxl=is_xl)
-    names = kohya_names(pipe, models if is_xl else None)
+    pipe = diffusers_pipe(models, bpe_files)
     path = tmp_path / "full.safetensors"
-    save_file(random_lora(names, rank=8, seed=3, scale=0.05), str(path))
+    save_file(full_size_lora(fmt, kohya_names(pipe), pipe_parts(pipe)), str(path))
     Patcher(models.unet, models.text).apply([(read_lora(path, models.unet, models.text), 0.7, 0.7)])
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora(lora_scale=0.7)
     torch.manual_seed(1)
-    x, t = torch.randn(1, 4, 32, 32), torch.tensor([500.0])
+    x, t, ctx = torch.randn(1, 4, 32, 32), torch.tensor([500.0]), torch.randn(1, 77, 768)
     tokens = torch.randint(0, 49406, (1, 77))
     with torch.no_grad():
-        if is_xl:
-            ctx, pooled = torch.randn(1, 77, 2048), torch.randn(1, 1280)
-            ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
-            from latentdiff.models.unet import micro_conditioning
-            ours = models.unet(x, t, ctx, micro_conditioning(pooled, ids))
-            theirs = pipe.unet(x, t, encoder_hidden_states=ctx,
-                               added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-            pairs = [(models.text.clip_l(tokens), pipe.text_encoder(tokens, output_hidden_states=True).hidden_states[-2]),
-                     (models.text.clip_g(tokens),
-                      pipe.text_encoder_2(tokens, output_hidden_states=True).hidden_states[-2])]
+        ours, theirs = models.unet(x, t, ctx), pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        text = rel(models.text(tokens), pipe.text_encoder(tokens).last_hidden_state)
+    print(f"\nsd15 {fmt}: U-Net max rel diff {rel(ours, theirs):.2e}, text {text:.2e}")
+    assert rel(ours, theirs) <= 1e-4 and text <= 1e-4
+
+
+def full_size_sdxl(part: str):
+    """SDXL's U-Net or its two text encoders (`part`: "unet" or "text") at full size with random weights, the same
+    for the same part on every call; the rest of the models stays on the meta device (no memory)."""
+    from latentdiff.io.checkpoint import _meta_models
+    models = _meta_models(load_model_config("configs/sdxl-base.yaml"))
+    module = getattr(models, part).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0 if part == "unet" else 1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+        for m in module.modules():  # norm gains near 1: a net whose signal neither dies nor explodes
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.add_(1.0)
+    return dataclasses.replace(models, **{part: module.eval()})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LATENTDIFF_FULL_SIZE"), reason="full-size parity: set LATENTDIFF_FULL_SIZE=1")
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_full_size_sdxl_lora_matches_diffusers(fmt, sdxl, bpe_files, tmp_path):
+    """Full-size SDXL and a random kohya LoRA / LoCon on every layer kohya wraps (the U-Net's, both text encoders'),
+    or a PEFT file on every attention and feed-forward Linear: our outputs after loading equal diffusers' (load_lora_weights + fuse_lora) within 1e-4 relative. The U-Net and
+    the encoders are checked one part at a time, and ours is run before diffusers' copy is made, so that two fp32
+    SDXL U-Nets (10 GB each) are never in memory at once: ours is merged without keeping its originals, then rebuilt
+    from the same seed and handed over to diffusers' U-Net (which takes the tensors, no copy)."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+    from latentdiff.models.unet import micro_conditioning
+    _, small = sdxl  # stand-ins for the parts not under test (diffusers' pipeline wants all of them)
+    torch.manual_seed(1)
+    x, t, ctx = torch.randn(1, 4, 32, 32), torch.tensor([500.0]), torch.randn(1, 77, 2048)
+    pooled, ids = torch.randn(1, 1280), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
+    tokens = torch.randint(0, 49406, (1, 77))
+    results = {}
+    for part in ("unet", "text"):
+        models = full_size_sdxl(part)
+        if part == "unet":
+            with torch.device("meta"):  # diffusers' module names for the PEFT file
+                parts = [("unet.", UNet2DConditionModel(**diffusers_unet_config(models, sdxl=True)))]
+            state = full_size_lora(fmt, kohya_unet_names(models.unet), parts)
         else:
-            ctx = torch.randn(1, 77, 768)
-            ours, theirs = models.unet(x, t, ctx), pipe.unet(x, t, encoder_hidden_states=ctx).sample
-            pairs = [(models.text(tokens), pipe.text_encoder(tokens).last_hidden_state)]
-    print(f"\n{preset}: U-Net max rel diff {rel(ours, theirs):.2e}, text "
-          + ", ".join(f"{rel(a, b):.2e}" for a, b in pairs))
-    assert rel(ours, theirs) <= 1e-4 and all(rel(a, b) <= 1e-4 for a, b in pairs)
+            hf_l, hf_g = hf_text_encoders(state_dict_for(models), models.config)
+            state = full_size_lora(fmt, kohya_text_names([("lora_te1_", hf_l), ("lora_te2_", hf_g)]),
+                                   [("text_encoder.", hf_l), ("text_encoder_2.", hf_g)])
+            del hf_l, hf_g
+        path = tmp_path / f"{part}.safetensors"
+        save_file(state, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0"} if fmt == "kohya" else None)
+        adapter = read_lora(path, models.unet, models.text)
+        assert len(adapter.patches) == sum(k.endswith(("lora_down.weight", "lora_A.weight")) for k in state)
+
+        @torch.no_grad()
+        def run(models):
+            if part == "unet":
+                return [models.unet(x, t, ctx, micro_conditioning(pooled, ids))]
+            return [models.text.clip_l(tokens), models.text.clip_g(tokens)]
+        before = run(models)
+        Patcher(models.unet, models.text, keep_originals=False).apply([(adapter, 0.7, 0.7)])
+        ours = run(models)
+        assert all(rel(a, b) > 1e-2 for a, b in zip(ours, before))  # the LoRA changes every output
+        del models, adapter, before
+        gc.collect()
+        models = full_size_sdxl(part)  # the base again, for diffusers
+        if part == "unet":
+            config = diffusers_unet_config(models, sdxl=True)
+            with torch.device("meta"):
+                unet = UNet2DConditionModel(**config).eval()
+            unet.load_state_dict(diffusers_unet_state(state_dict_for(models), config), strict=True, assign=True)
+            hf_l, hf_g = hf_text_encoders(state_dict_for(small))
+        else:
+            unet = diffusers_unet(small, sdxl=True)
+            hf_l, hf_g = hf_text_encoders(state_dict_for(models), models.config)
+        del models
+        gc.collect()
+        pipe = sdxl_pipeline(unet, hf_l, hf_g, bpe_files)
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=0.7)
+        with torch.no_grad():
+            if part == "unet":
+                theirs = [pipe.unet(x, t, encoder_hidden_states=ctx,
+                                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample]
+            else:
+                theirs = [te(tokens, output_hidden_states=True).hidden_states[-2] for te in (hf_l, hf_g)]
+        results[part] = [rel(a, b) for a, b in zip(ours, theirs)]
+        del pipe, unet, hf_l, hf_g, theirs
+        gc.collect()
+    print(f"\nsdxl {fmt}: U-Net max rel diff {results['unet'][0]:.2e}, text (CLIP-L, bigG) "
+          + ", ".join(f"{r:.2e}" for r in results["text"]))
+    assert all(r <= 1e-4 for r in results["unet"] + results["text"])
 
 
 def test_every_spelling_of_a_layer_reaches_the_same_weight(sd1):

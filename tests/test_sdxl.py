@@ -180,16 +180,19 @@ def test_unet_matches_diffusers_text_time():
         ours(x, t, ctx)
 
 
-def hf_text_encoders(file):
-    """transformers' two SDXL text encoders (the SMALL sizes) loaded from a file by diffusers' converters."""
+def hf_text_encoders(file, config=None):
+    """transformers' two SDXL text encoders loaded from a file by diffusers' converters, sized as a ModelConfig's
+    text and text2 (default: the SMALL sizes)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    hf_l = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                                        num_attention_heads=2, hidden_act="quick_gelu")).eval()
+
+    def sizes(width, layers, heads):
+        return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+    cl, cg, projection = (sizes(64, 3, 2), sizes(32, 3, 2), 32) if config is None else \
+        (*(sizes(t.width, t.layers, t.heads) for t in (config.text, config.text2)), config.text2.embed_dim)
+    hf_l = CLIPTextModel(CLIPTextConfig(**cl, hidden_act="quick_gelu")).eval()
     hf_l.load_state_dict(hf_keys(convert_ldm_clip_checkpoint(file), hf_l), strict=True)
-    hf_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=3,
-                                                      num_attention_heads=2, projection_dim=32,
-                                                      hidden_act="gelu")).eval()
+    hf_g = CLIPTextModelWithProjection(CLIPTextConfig(**cg, projection_dim=projection, hidden_act="gelu")).eval()
     hf_g.load_state_dict(convert_open_clip_checkpoint(hf_g, file, prefix=SDXL_G_PREFIX), strict=True)
     return hf_l, hf_g
 

@@ -235,12 +235,15 @@ class LoraSet:
         self.use({})
 
     def unload(self, path=None):
-        """Remove one loaded adapter, or all of them; the weights are the originals again, bit for bit."""
+        """Remove one loaded adapter, or all of them; the weights are the originals again, bit for bit. With none
+        left, the memory kept for the next apply is freed too."""
         if path is None:
             self.loaded.clear()
         else:
             self.loaded.pop(Path(path).resolve(), None)
         self.use({})
+        if not self.loaded:
+            self.patcher.release()
 
     def use(self, extra: dict[Path, tuple[float, float]]):
         """Apply the loaded adapters plus `extra` (path -> multipliers; a path in both: the extra ones win)."""

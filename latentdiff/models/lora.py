@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -471,9 +472,17 @@ class Patcher:
     """Applies a set of adapters, each with a U-Net and a text-encoder multiplier, to the modules' weights in place
     (CUDA graphs captured on them keep working); `apply([])` puts every original weight back."""
 
-    def __init__(self, unet: nn.Module, text: nn.Module):
+    def __init__(self, unet: nn.Module, text: nn.Module, keep_originals: bool = True):
+        """keep_originals=False: for a merge that is never undone, where memory for the originals is short (the
+        full-size SDXL parity test holds one fp32 U-Net, not two); such a Patcher applies once."""
         self.roots = {"unet": unet, "text": text}
+        self.keep_originals, self.used = keep_originals, False
         self.originals: dict[tuple[str, str], torch.Tensor] = {}  # on the CPU: an adapter set may cover gigabytes
+        # The originals' buffers after a restore, for the next apply: fresh memory costs more on the CPU than the
+        # merge itself (first touch of every page), and a server switching adapters would pay it on every switch.
+        # Each keeps the weight's version counter and address at the restore: while both are unchanged the buffer
+        # still holds the weight's exact value and need not be copied again. release() frees them.
+        self.spare: dict[tuple[str, str], tuple[torch.Tensor, int, int]] = {}
 
     def _param(self, root: str, name: str) -> torch.Tensor:
         return self.roots[root].get_parameter(name)
@@ -481,8 +490,26 @@ class Patcher:
     @torch.no_grad()
     def restore(self):
         for (root, name), original in self.originals.items():
-            self._param(root, name).copy_(original)
+            param = self._param(root, name)
+            param.copy_(original)
+            self.spare[(root, name)] = (original, param._version, param.data_ptr())
         self.originals.clear()
+
+    def release(self):
+        """Free the buffers kept for the next apply (the weights are not touched)."""
+        self.spare.clear()
+
+    def _keep(self, root: str, name: str, param: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(the CPU buffer that keeps this weight's original while adapters are on, whether it holds it already):
+        a spare one when it fits, filled when the weight has not changed since it was restored from it."""
+        if not self.keep_originals:
+            return None, True  # nothing to keep, nothing to copy
+        key = (root, name)
+        buf, version, address = self.spare.pop(key, (None, -1, -1))
+        if buf is None or buf.shape != param.shape or buf.dtype != param.dtype:
+            buf = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+        self.originals[key] = buf
+        return buf, (version, address) == (param._version, param.data_ptr())
 
     @torch.no_grad()
     def apply(self, adapters: list[tuple[Adapter, float, float]]):
@@ -490,6 +517,9 @@ class Patcher:
 
         One weight at a time: its deltas summed in float32, added, cast, so the extra memory is one weight's.
         """
+        if self.used and not self.keep_originals:
+            raise RuntimeError("this Patcher keeps no original weights: it cannot remove or change its adapters")
+        self.used = bool(adapters)
         self.restore()
         by_weight: dict[tuple[str, str], list[tuple[Patch, float]]] = {}
         for adapter, unet_mult, text_mult in adapters:
@@ -497,11 +527,14 @@ class Patcher:
                 mult = unet_mult if patch.target.root == "unet" else text_mult
                 if mult:
                     by_weight.setdefault((patch.target.root, patch.target.weight), []).append((patch, mult))
+        fast = [(root, name, *patches[0]) for (root, name), patches in by_weight.items()
+                if len(patches) == 1 and patches[0][0].low_rank() and self._param(root, name).is_contiguous()]
+        self._write_low_rank_all(fast)
+        done = {(root, name) for root, name, _, _ in fast}
         for (root, name), patches in by_weight.items():
-            weight = self._param(root, name)
-            if len(patches) == 1 and patches[0][0].low_rank() and weight.is_contiguous():
-                self._write_low_rank(root, name, *patches[0])
+            if (root, name) in done:
                 continue
+            weight = self._param(root, name)
             delta, bias = None, None
             for patch, mult in patches:
                 delta, db = self._add(delta, weight, patch, mult)
@@ -516,21 +549,58 @@ class Patcher:
         is widened first: on the CPU an in-place float32 += bf16 add takes a slow mixed-dtype path (11x slower than
         widening and adding at 1280x5120), and the upcast is exact, so the sum is the same."""
         param = self._param(root, name)
-        self.originals[(root, name)] = param.detach().to("cpu", copy=True)
+        keep, kept = self._keep(root, name, param)
+        if not kept:
+            keep.copy_(param.detach())
         param.copy_(delta.add_(param.to(delta.dtype)))
+
+    def _write_low_rank_all(self, items: list[tuple[str, str, "Patch", float]]):
+        """_write_low_rank for each (root, name, patch, mult). On the CPU the weights are shared out among as many
+        threads as torch uses, each merging whole weights with one thread of its own: the products are thin (rank
+        rows deep) and a block of one is too small to split well (SDXL, rank 32, two cores: 1.3 s against 2.4)."""
+        workers = torch.get_num_threads()
+        if workers < 2 or len(items) < 2 or any(self._param(r, n).device.type != "cpu" for r, n, _, _ in items):
+            for item in items:
+                self._write_low_rank(*item)
+            return
+
+        def merge(item):
+            with torch.no_grad():
+                self._write_low_rank(*item)
+
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                list(pool.map(merge, items))
+        finally:
+            torch.set_num_threads(workers)
 
     def _write_low_rank(self, root: str, name: str, patch: "Patch", mult: float, rows: int = 256):
         """weight = cast(float32(weight) + up @ down * scale) for one plain LoRA on a whole weight, `rows` rows at a
         time: no full-size float32 delta or widened weight is made (on the CPU, fresh memory that size costs more
-        than the product), and the blocks stay in cache. The same sum as _add + _write, up to the float32 rounding
-        of the product's blocks."""
+        than the product), and the blocks stay in cache, the original's copy taken from each block as it is read.
+        The same sum as _add + _write, up to the float32 rounding of the product's blocks."""
         param = self._param(root, name)
-        self.originals[(root, name)] = param.detach().to("cpu", copy=True)
+        keep, kept_already = self._keep(root, name, param)
+        copy_blocks = param.device.type == "cpu" and not kept_already
+        if not (kept_already or copy_blocks):
+            keep.copy_(param.detach())  # one copy to the host, not one per block
         up, down = _lora_factors({k: v.to(param.device, torch.float32) for k, v in patch.tensors.items()}, mult)
         flat = param.detach().view(param.shape[0], -1)
-        for r in range(0, flat.shape[0], rows):
-            block = flat[r:r + rows].to(torch.float32)
-            flat[r:r + rows].copy_(block.addmm_(up[r:r + rows], down))
+        kept = keep.view(flat.shape) if copy_blocks else None
+        work = torch.empty(min(rows, flat.shape[0]), flat.shape[1], dtype=torch.float32, device=flat.device)
+        r = 0
+        try:
+            for r in range(0, flat.shape[0], rows):
+                n = min(rows, flat.shape[0] - r)
+                if copy_blocks:
+                    kept[r:r + n].copy_(flat[r:r + n])
+                block = work[:n].copy_(flat[r:r + n])  # the widening into one reused block: no allocation per block
+                flat[r:r + n].copy_(block.addmm_(up[r:r + n], down))
+        except BaseException:  # interrupted: the rows not yet merged are still the originals, keep them too
+            if copy_blocks:
+                kept[r:].copy_(flat[r:])
+            raise
 
     def _add(self, delta, weight: torch.Tensor, patch: Patch, mult: float):
         """(the weight's float32 delta with one patch's change times mult added, its bias change or None); a delta of
