@@ -34,7 +34,7 @@ def params_from_png(path: str) -> dict:
             "Guidance rescale": ("guidance_rescale", float), "Prediction": ("prediction", str),
             "Model hash": ("model_hash", str), "Model": ("model", str), "Dtype": ("dtype", str),
             "Init image hash": ("init_image_hash", str), "Lora hashes": ("lora_hashes", str),
-            "Prompt syntax": ("no_prompt_syntax", lambda v: v.strip().lower() == "off")}
+            "Prompt syntax": ("no_prompt_syntax", lambda v: v.strip().lower() == "off"), "Noise": ("noise", noise_kind)}
     convert_png_values(raw, conv, out, path)
     if "Size" in raw:
         size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", raw["Size"])
@@ -42,6 +42,15 @@ def params_from_png(path: str) -> dict:
             raise UsageError(f"{path}: bad 'Size' value {raw['Size']!r} in its parameters (expected WIDTHxHEIGHT)")
         out["width"], out["height"] = int(size[1]), int(size[2])
     return mask_and_hires_from_png(raw, out, path)
+
+
+def noise_kind(value: str) -> str:
+    """--noise's value from a PNG's 'Noise' (written capitalized); a ValueError for one the pipeline does not know."""
+    from latentdiff.pipeline import NOISE_KINDS
+    kind = value.strip().lower()
+    if kind not in NOISE_KINDS:
+        raise ValueError(value)
+    return kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +237,7 @@ def check_mask(args, mask):
 def build_parser() -> argparse.ArgumentParser:
     from latentdiff.diffusion.samplers import SAMPLER_NAMES
     from latentdiff.diffusion.schedule import SCHEDULES
+    from latentdiff.pipeline import NOISE_KINDS
     p = ArgumentParser(
         prog="python -m latentdiff.generate",
         description="Generate images from text. Prompts longer than CLIP's 77-token window are encoded in "
@@ -277,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prompt-syntax", action="store_true",
                    help="encode the prompt exactly as written: no (emphasis:1.2), BREAK, [prompt:editing:0.5] or "
                         "[alter|nation] (A1111's syntax, read by default)")
+    p.add_argument("--noise", default="gaussian", type=str.lower, choices=NOISE_KINDS,
+                   help="the sampler's per-step noise: gaussian (the default; each image's seeded stream) or "
+                        "brownian (a Brownian tree seeded with the image's seed, as k-diffusion and A1111 draw "
+                        "the SDE samplers' noise: the same seed follows the same path at any step count; needs "
+                        "torchsde). The starting noise is the same for both")
     p.add_argument("--clip-skip", type=int, help="use the output of this many layers from the end (1 = last)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
                    help="apply a LoRA / LyCORIS / diffusers LoRA file with multiplier W (default 1); repeatable. "
@@ -327,6 +342,12 @@ def check_args(args, given: set[str]):
         raise UsageError(f"--clip-skip must be at least 1, the last layer (got {args.clip_skip})")
     if "strength" in given and not args.init_image:
         raise UsageError("--strength only applies to image-to-image: add --init-image FILE, or drop --strength")
+    if args.noise == "brownian":
+        from latentdiff.diffusion.samplers import BrownianNoise
+        try:
+            BrownianNoise.torchsde()
+        except ValueError:
+            raise UsageError("--noise brownian needs torchsde (for the Brownian tree): pip install torchsde") from None
 
 
 def check_init_image(args, init_image: Image.Image | None):
@@ -481,7 +502,7 @@ def run(args, given: set[str] = frozenset()) -> list[Path]:
         result = pipe(prompts, args.negative, num_images=args.num_images, seed=seed, init_image=init_image,
                       strength=args.strength, clip_skip=args.clip_skip, guidance_rescale=args.guidance_rescale,
                       trajectory=args.trajectory, backend=args.backend, mask=mask, inpaint=inpaint, hires=hires,
-                      outpaint=outpaint, prompt_syntax=not args.no_prompt_syntax, **settings)
+                      outpaint=outpaint, prompt_syntax=not args.no_prompt_syntax, noise=args.noise, **settings)
     except ValueError as e:  # the mask (io.masks.MaskError) and the hires settings, checked against the model
         raise UsageError(str(e)) from None
     for note in result.notes:

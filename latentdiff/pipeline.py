@@ -21,7 +21,7 @@ from latentdiff.io.images import format_parameters, from_pil, image_hash, save_i
 from latentdiff.io.masks import InpaintOptions, Inpainting, outpaint_canvas, outpaint_sides, outpaint_size, \
     prepare as prepare_inpainting
 from latentdiff.diffusion.process import guidance_rescale
-from latentdiff.diffusion.samplers import A1111_TITLES, NoiseSampler, get_sampler
+from latentdiff.diffusion.samplers import A1111_TITLES, BrownianNoise, NoiseSampler, get_sampler
 from latentdiff.diffusion.schedule import SCHEDULES, Schedule
 from latentdiff.models.prompts import count_chunks, encode as encode_weighted, encode_dual, prompt_schedule, \
     text_at_call
@@ -58,6 +58,7 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MIN_VAE_TILE = 32  # latents: smaller tiles spend most of their work on the halo
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+NOISE_KINDS = ("gaussian", "brownian")  # where a sampler's per-step noise comes from (Pipeline.__call__'s noise)
 
 
 def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
@@ -669,11 +670,17 @@ class Pipeline:
                  callback=None, trajectory: bool = False, return_latents: bool = False,
                  progress: bool = True, backend: str | None = None, mask: Image.Image | None = None,
                  inpaint: InpaintOptions | None = None, hires: Hires | None = None,
-                 prompt_syntax: bool = True, outpaint: tuple[int, int, int, int] | None = None) -> Result:
+                 prompt_syntax: bool = True, outpaint: tuple[int, int, int, int] | None = None,
+                 noise: str = "gaussian") -> Result:
         """Generate num_images per prompt; image i of the batch uses seed + i (batch-invariant).
 
         prompt_syntax: read A1111's prompt syntax (emphasis, BREAK, prompt editing, alternation; models/prompts.py);
         False encodes the prompts exactly as written.
+
+        noise: where the sampler's per-step noise comes from. "gaussian": each image's seeded stream, which also
+        draws the starting noise; "brownian": a Brownian tree per image seeded with its seed, over the sigmas each
+        pass samples (k-diffusion's BrownianTreeNoiseSampler, A1111's for its SDE samplers; needs torchsde), so that
+        the same seed follows the same noise path whatever the step count. The starting noise is the same for both.
 
         mask (with init_image): repaint where it is white (io/masks.py; inpaint: A1111's options), on an
         inpainting U-Net (9 input channels) or any other; hires: a second pass at a larger size (Hires).
@@ -686,6 +693,10 @@ class Pipeline:
         batch takes (fewer than `steps` in img2img). Raising Interrupted there stops the call: it returns the images
         finished so far and the running batch's predicted x0, with `interrupted` set.
         """
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_KINDS)} (got {noise!r})")
+        if noise == "brownian":
+            BrownianNoise.torchsde()  # missing: the one-line ValueError now, before any work
         d = self.config.sampling
         steps = d.steps if steps is None else steps
         guidance = d.guidance if guidance is None else guidance
@@ -733,11 +744,13 @@ class Pipeline:
                         inpainting=job, hires=None if hires is None else (hires, hires_sizes),
                         prompt_syntax=prompt_syntax)
         starts = range(0, B, chunk)
+        tree_seeds = seeds if noise == "brownian" else None
         images, finals, traj, interrupted = [], [], [], False
         for k, i in enumerate(starts):
             j = min(B, i + chunk)
             out = self._sample(texts[i:j], negs[i:j], generators[i:j], None if latents is None else latents[i:j],
-                               (j - i,) + shape[1:], part=(k, len(starts)), **settings)
+                               (j - i,) + shape[1:], part=(k, len(starts)),
+                               tree_seeds=None if tree_seeds is None else tree_seeds[i:j], **settings)
             images += out[0]
             finals.append(out[1])
             traj += out[2]
@@ -755,6 +768,8 @@ class Pipeline:
             extra = {**job.options.infotext(), "Outpaint": ",".join(map(str, outpaint))}
         if not prompt_syntax:  # so that --from-png encodes the prompt as written again
             extra["Prompt syntax"] = "off"
+        if noise != "gaussian":
+            extra["Noise"] = noise.capitalize()
         params = [dict(base, prompt=p, negative=n, seed=s,
                        extra=dict(extra, **(hires.infotext(base["sampler"], p, n) if hires else {})))
                   for p, n, s in zip(prompts, negs, seeds)]
@@ -765,9 +780,10 @@ class Pipeline:
 
     def _sample(self, prompts, negs, generators, latents, shape, *, part, spec, steps, guidance, guidance_rescale,
                 size, init_image, strength, clip_skip, callback, trajectory, progress, backend, inpainting=None,
-                hires=None, prompt_syntax=True):
+                hires=None, prompt_syntax=True, tree_seeds=None):
         """One batch that fits the device: (PIL images, final latents, per-image trajectories, interrupted); an
-        interrupted batch gives its last predicted x0."""
+        interrupted batch gives its last predicted x0. tree_seeds: the sampler's per-step noise comes from a
+        Brownian tree per image over the sigmas of each pass; the starting noise still from the generators."""
         noise = NoiseSampler(generators)
         denoiser = self.denoiser(prompts, negs, guidance, guidance_rescale, clip_skip, size=(size[1], size[0]),
                                  steps=steps, prompt_syntax=prompt_syntax)
@@ -798,8 +814,9 @@ class Pipeline:
                     callback(dict(info, i=info["i"] + done, part=part, steps=n_steps))
 
             def run(denoiser, x, sigmas, spec):
+                steps_noise = noise if tree_seeds is None else BrownianNoise.over(x, sigmas, tree_seeds)
                 try:
-                    return spec.fn(denoiser, x, sigmas, noise=noise, callback=on_step, disable=not progress,
+                    return spec.fn(denoiser, x, sigmas, noise=steps_noise, callback=on_step, disable=not progress,
                                    **spec.options(self.schedule)), False
                 except Interrupted:  # raised by the callback, so after a step: `last` holds that step's x0 estimate
                     return last[0], True

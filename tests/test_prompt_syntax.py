@@ -1,6 +1,9 @@
 """A1111's prompt syntax: the parser against A1111's lark grammar, emphasis, BREAK, chunking, and the conditioning
 schedule the pipeline runs (prompt editing and alternation on A1111's step count, every text encoded once)."""
 
+import itertools
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -149,6 +152,123 @@ def test_attention_weights(text, want):
     got = parse_attention(text)
     assert [t for t, _ in got] == [t for t, _ in want]
     assert [w for _, w in got] == pytest.approx([w for _, w in want], rel=1e-15)
+
+
+def a1111_emphasis(prompt: str) -> list[tuple[str, float]]:
+    """A1111's parse_prompt_attention (modules/prompt_parser.py, v1.10) restated as a character scanner, as the
+    reference for parse_attention. Its tokens, tried in this order at each position: a backslash with the next
+    character when that is a bracket or a backslash (else a lone backslash, which stands for nothing); '(' or '[';
+    a ':' with an optional sign, a run of digits and dots and ')', spaces allowed either side of the number; ')'
+    or ']'; a run of anything but backslash, brackets and ':'; a lone ':'. A closer (or a weight) with its bracket
+    open multiplies every fragment since that bracket by 1.1, 1/1.1 (or the weight, read by float(): A1111 raises
+    ValueError on '1.2.3'); without one it is text. Text is split at BREAK (and the spaces round it) into
+    ("BREAK", -1) markers, which brackets multiply too. Brackets left open multiply to the end, the round ones
+    first, each kind from the outermost; then neighbours of exactly equal weight are joined."""
+    pieces: list[list] = []  # [text, weight]
+    open_at: dict[str, list[int]] = {"(": [], "[": []}
+
+    def scale(bracket: str, factor: float):
+        for piece in pieces[open_at[bracket].pop():]:
+            piece[1] *= factor
+
+    def add_text(s: str):
+        for k, part in enumerate(re.split(r"\s*\bBREAK\b\s*", s)):
+            if k:
+                pieces.append(["BREAK", -1.0])
+            pieces.append([part, 1.0])
+
+    def weight_at(i: int):
+        """(float text, index after the ')') of a ':weight)' token starting at prompt[i] == ':', or None."""
+        j = i + 1
+        while j < len(prompt) and prompt[j].isspace():
+            j += 1
+        first = j + (j < len(prompt) and prompt[j] in "+-")
+        end = first
+        while end < len(prompt) and (prompt[end] == "." or prompt[end].isdecimal()):
+            end += 1
+        close = end
+        while close < len(prompt) and prompt[close].isspace():
+            close += 1
+        if end == first or close == len(prompt) or prompt[close] != ")":
+            return None
+        return prompt[j:end], close + 1
+
+    i = 0
+    while i < len(prompt):
+        c = prompt[i]
+        if c == "\\":
+            escaped = prompt[i + 1:i + 2]
+            literal = escaped if escaped and escaped in "()[]\\" else ""
+            pieces.append([literal, 1.0])
+            i += 1 + len(literal)
+        elif c in "([":
+            open_at[c].append(len(pieces))
+            i += 1
+        elif c == ":" and weight_at(i) is not None:
+            number, after = weight_at(i)
+            if open_at["("]:
+                scale("(", float(number))
+            else:
+                add_text(prompt[i:after])
+            i = after
+        elif c in ")]" and open_at["(" if c == ")" else "["]:
+            scale("(" if c == ")" else "[", 1.1 if c == ")" else 1 / 1.1)
+            i += 1
+        elif c in ":)]":
+            add_text(c)
+            i += 1
+        else:
+            end = i
+            while end < len(prompt) and prompt[end] not in "\\()[]:":
+                end += 1
+            add_text(prompt[i:end])
+            i = end
+    for bracket, factor in (("(", 1.1), ("[", 1 / 1.1)):
+        for start in open_at[bracket]:
+            for piece in pieces[start:]:
+                piece[1] *= factor
+    if not pieces:
+        return [("", 1.0)]
+    return [("".join(t for t, _ in run), w) for w, run in itertools.groupby(pieces, key=lambda piece: piece[1])]
+
+
+EMPHASIS_CORPUS = [
+    # nesting, both kinds, explicit weights inside and around
+    "(((((((((a)))))))))", "[[[[[a]]]]]", "((a:1.2):1.3)", "([a]:0.5)", "[(a:1.2)]", "[(a)]", "([a])",
+    "(a)(b)(c:1.1)", "(a:1.1)(b)", "((a)(b:0.5))", "(a (b [c (d:0.8) e] f) g)", "(a[b:1.2)c]", "[a(b]c)",
+    "(masterpiece:1.2), (best quality:1.1), ((ultra detailed)), [[lowres]], (bad hands:-0.5)",
+    # weights: signs, spaces, leading and trailing dots, zero, what is not a weight
+    "(a:+1.5)", "(a:-.5)", "(a:1.)", "(a:.25)", "(a: 1.5)", "(a :1.5)", "(a:1.5 )", "(a:\t2)", "(a:\n2\n)",
+    "(a:0)(b:-0)", "(a:1 .2)", "(a::1.2)", "(a:1.2:1.3)", "(a:1e2)", "(a:1,5)", "[[a]:1.5]", "[a:1.5]",
+    "a:1.5)", "(a:1.5)))", "((a:1.5)", "(a:007)", "(a:1.5", "(a:１.５)",
+    # escapes and lone backslashes
+    r"\(a\)", r"\((a)\)", r"\\(a)", r"\\\(a)", r"a\b", "trailing \\", r"(a\)b)", r"[a\]b]", r"\[\]\(\)\\",
+    r"(a\:1.2)", r"(\\:1.2)",
+    # BREAK: alone, repeated, inside brackets, touching punctuation, across lines
+    "BREAK", "a BREAK", "BREAK a", "BREAKBREAK", "a  BREAK  BREAK  b", "a\nBREAK\nb", "(BREAK:1.5)",
+    "[a BREAK b]", "(a BREAK (b) BREAK c", "a BREAK:b", "x :BREAK y", "(a) BREAK [b]",
+    # stray and crossing brackets, unicode text
+    ")))", "]]]", "(((", "[[[", ") a (", "] a [", "(a]", "[a)", "(café:1.2) 日本語 [Ω]", ":::",
+]
+# A1111 raises ValueError on these (float() of a dotted run that is not a number); parse_attention reads the weight
+# as text and the bracket as a plain one (test_attention_weights), so they are left out of the comparison.
+A1111_RAISES = {"(a:1.2.3)", "(a:.)", "(a: 1..2 )", "(a:+.)"}
+
+
+def test_attention_matches_a1111s_algorithm_on_the_corpus():
+    prompts = CORPUS + EMPHASIS_CORPUS + sorted(A1111_RAISES)
+    assert len(prompts) >= 50
+    raised = set()
+    for prompt in prompts:
+        try:
+            want = a1111_emphasis(prompt)
+        except ValueError:
+            raised.add(prompt)
+            continue
+        got = parse_attention(prompt)
+        assert [t for t, _ in got] == [t for t, _ in want], prompt
+        assert [w for _, w in got] == pytest.approx([w for _, w in want], rel=1e-12, abs=0), prompt
+    assert raised == A1111_RAISES
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,24 +77,42 @@ class BrownianNoise:
     an interval (DPM++ SDE's half steps) see correlated noise, and the same seeds give the same path whatever the
     step count. torchsde builds the tree on the host: a loop that draws from it cannot be captured in a CUDA graph.
     """
+    TOL = 1e-6  # torchsde's default, which k-diffusion keeps: the tree reads times, its own ends too, to 6 decimals
 
     def __init__(self, like: torch.Tensor, sigma_min: float, sigma_max: float, seeds):
+        torchsde = self.torchsde()
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != like.shape[0]:
+            raise ValueError(f"a batch of {like.shape[0]} needs {like.shape[0]} seeds, got {len(seeds)}")
+        lo, hi = sorted((float(sigma_min), float(sigma_max)))
+        t0, t1 = (torch.as_tensor(v, dtype=torch.float64) for v in (lo, hi))
+        w0 = torch.zeros_like(like[0])
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s, tol=self.TOL) for s in seeds]
+        self.ends = [round(v, -round(math.log10(self.TOL))) for v in (lo, hi)]  # as the tree holds them
+
+    @staticmethod
+    def torchsde():
+        """The torchsde module, or a one-line ValueError saying how to install it (it is an optional dependency)."""
         try:
             import torchsde
         except ImportError:
             raise ValueError("Brownian-tree noise needs torchsde: pip install torchsde") from None
-        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        if len(seeds) != like.shape[0]:
-            raise ValueError(f"a batch of {like.shape[0]} needs {like.shape[0]} seeds, got {len(seeds)}")
-        t0, t1 = (torch.as_tensor(v, dtype=torch.float64) for v in sorted((float(sigma_min), float(sigma_max))))
-        w0 = torch.zeros_like(like[0])
-        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s) for s in seeds]
+        return torchsde
+
+    @classmethod
+    def over(cls, like: torch.Tensor, sigmas, seeds) -> "BrownianNoise":
+        """A tree over the sigmas a run samples, from the smallest nonzero one to the largest (as A1111 builds it)."""
+        s = host_sigmas(sigmas)
+        return cls(like, min(v for v in s if v > 0), max(s), seeds)
 
     def __call__(self, like: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
         a = torch.as_tensor(float(sigma), dtype=torch.float64)
         b = torch.as_tensor(float(sigma_next), dtype=torch.float64)
         lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        # torchsde reads a time outside the tree at its end, with a warning; the ends themselves (rounded there)
+        # and rounding errors past them (DPM fast's exp(-t)) are read there without one
+        ends = [min(max(float(t), self.ends[0]), self.ends[1]) for t in (lo, hi)]
+        w = torch.stack([tree(*ends) for tree in self.trees]) * sign
         return (w / (hi - lo).sqrt()).to(device=like.device, dtype=like.dtype)
 
 
