@@ -33,17 +33,27 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--out", help="write the rows as JSON here (after each row; a rerun keeps the rows it finds)")
     args = p.parse_args(argv)
 
     pipe = Pipeline.from_checkpoint(args.checkpoint, device=args.device)
     guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
     names, prompts, ref = load_reference(args.data, pipe.config.image_size, args.limit)
     ref_feats = features(ref, 16)
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.out and Path(args.out).exists() else []
+
+    def save():
+        if args.out:
+            tmp = Path(args.out + ".tmp")
+            tmp.write_text(json.dumps({"checkpoint": args.checkpoint, "guidance": guidance,
+                                       "references": len(prompts), "rows": rows}, indent=1))
+            tmp.replace(args.out)
+
     for sampler in args.samplers.split(","):
         name = f"{sampler} {args.schedule}" if args.schedule else sampler
         for steps in (int(s) for s in args.steps.split(",")):
+            if any(r["sampler"] == name and r["steps"] == steps for r in rows):
+                continue
             t0 = time.perf_counter()
             gen = generate_all(pipe, prompts, steps=steps, sampler=name, guidance=guidance,
                                batch_size=args.batch_size)
@@ -52,6 +62,7 @@ def main(argv=None) -> int:
             psnr = statistics.median(fidelity_psnr(gen, ref).tolist())
             rows.append({"sampler": name, "steps": steps, "top1": top1, "psnr64_median_db": psnr,
                          "seconds_per_image": seconds, "images": len(prompts)})
+            save()
             print(f"{name:32s} {steps:3d} steps  top-1 {top1:6.1%}  PSNR {psnr:5.2f} dB  {seconds:.3f} s/image",
                   flush=True)
     step_counts = sorted({r["steps"] for r in rows})
@@ -63,9 +74,6 @@ def main(argv=None) -> int:
             r = next(r for r in rows if r["sampler"] == sampler and r["steps"] == s)
             cells.append(f"{r['top1']:.0%} / {r['psnr64_median_db']:.1f} / {r['seconds_per_image']:.2f}")
         print(f"| {sampler} | " + " | ".join(cells) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "guidance": guidance,
-                                              "references": len(prompts), "rows": rows}, indent=1))
     return 0
 
 
