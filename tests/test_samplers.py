@@ -1048,3 +1048,21 @@ def test_the_servers_name_lists_are_the_samplers_and_schedules():
     assert {k: v[0] for k, v in a1111.SCHEDULERS.items() if k != "default"} == SCHEDULES
     for name, alias in a1111.K_NAMES.items():
         assert get_sampler(alias).name == name
+
+
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+@pytest.mark.parametrize("kind", [None, "uniform", "karras", "exponential", "sgm_uniform", "simple", "normal",
+                                  "ddim_uniform", "beta", "kl_optimal", "linear_quadratic", "align_your_steps"])
+def test_dpm_fast_and_adaptive_run_down_to_the_models_smallest_sigma(sd, name, kind):
+    # They stop at their list's last positive sigma with no step to 0, so the list ends there at the model's
+    # smallest sigma, whatever the schedule (A1111's txt2img). With a denoiser that says D = 0 the probability-flow
+    # ODE is dx/dsigma = x / sigma: x(sigma_min) = x * sigma_min / sigma_0 exactly, and DPM-Solver is exact on it.
+    # (KL-optimal ends at the smallest sigma with no 0 after it; Align Your Steps' table ends at 0.029, a little
+    # below SD 1.5's 0.02917: both are kept.)
+    spec = get_sampler(name)
+    s = spec.sigmas(sd, 10, kind)
+    last = float(s[s > 0][-1])
+    assert last == pytest.approx(float(sd.sigmas.min()), rel=0.01)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * float(s[0])
+    out = spec.fn(as_denoiser(lambda x, sigma: torch.zeros_like(x)), x.clone(), s, disable=True, eta=0.0)
+    assert torch.allclose(out, x * last / float(s[0]), rtol=1e-9, atol=0)

@@ -437,6 +437,10 @@ A1111_AUTOMATIC = {
 }
 # A1111 takes one more step and drops the next-to-last sigma for these (its discard_next_to_last_sigma option).
 DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde")
+# These integrate from the first sigma to the last positive one and return the latent there, with no step to 0:
+# their list ends at the model's smallest sigma whatever the schedule (as A1111's txt2img runs them), not at a
+# schedule's last positive sigma (0.34 on SD 1.5's trailing 10 steps: visible noise left in the picture).
+TO_SIGMA_MIN = ("dpm_fast", "dpm_adaptive")
 
 # Other spellings, normalized by _norm (lowercase; spaces, '_' and '-' removed; '++' -> 'pp'): A1111 titles and
 # aliases, ComfyUI names, diffusers scheduler class names (without 'Scheduler') and k-diffusion functions
@@ -475,7 +479,11 @@ class SamplerSpec:
         if self.name in DISCARD_PENULTIMATE and not kind.startswith("a1111_"):
             s = sampling_sigmas(schedule, steps + 1, kind=kind, **kw)
             return torch.cat([s[:-2], s[-1:]])
-        return sampling_sigmas(schedule, steps, kind=kind, **kw)
+        s = sampling_sigmas(schedule, steps, kind=kind, **kw)
+        if self.name in TO_SIGMA_MIN and len(s) > 2 and s[-1] == 0:
+            s = s.clone()
+            s[-2] = min(float(s[-2]), float(schedule.sigmas.min()))
+        return s
 
     def options(self, schedule) -> dict:
         """What the sampler needs from the model's schedule (LCM's boundary scalings)."""
