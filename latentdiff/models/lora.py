@@ -481,7 +481,8 @@ class Patcher:
         # The originals' buffers after a restore, for the next apply: fresh memory costs more on the CPU than the
         # merge itself (first touch of every page), and a server switching adapters would pay it on every switch.
         # Each keeps the weight's version counter and address at the restore: while both are unchanged the buffer
-        # still holds the weight's exact value and need not be copied again. release() frees them.
+        # still holds the weight's exact value and need not be copied again (a change made through `.data` does not
+        # move the counter: call release() after one). release() frees them.
         self.spare: dict[tuple[str, str], tuple[torch.Tensor, int, int]] = {}
 
     def _param(self, root: str, name: str) -> torch.Tensor:
