@@ -7,7 +7,6 @@ in the test files come from the reference models' module names (diffusers' U-Net
 name table.
 """
 import dataclasses
-import math
 import os
 import warnings
 

@@ -21,6 +21,7 @@ from latentdiff.evaluate import features, fidelity_psnr, generate_all, load_refe
 def main(argv=None) -> int:
     from latentdiff.diffusion.samplers import SAMPLER_NAMES
     from latentdiff.io.checkpoint import BUNDLED
+    from latentdiff.io.files import atomic_write
     from latentdiff.pipeline import Pipeline
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,10 +45,9 @@ def main(argv=None) -> int:
 
     def save():
         if args.out:
-            tmp = Path(args.out + ".tmp")
-            tmp.write_text(json.dumps({"checkpoint": args.checkpoint, "guidance": guidance,
-                                       "references": len(prompts), "rows": rows}, indent=1))
-            tmp.replace(args.out)
+            with atomic_write(args.out) as tmp:
+                tmp.write_text(json.dumps({"checkpoint": args.checkpoint, "guidance": guidance,
+                                           "references": len(prompts), "rows": rows}, indent=1))
 
     for sampler in args.samplers.split(","):
         name = f"{sampler} {args.schedule}" if args.schedule else sampler
